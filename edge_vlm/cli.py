@@ -1,0 +1,243 @@
+"""The ``edge-vlm`` command. Thin: parses flags, imports heavy parts only in the subcommand
+that needs them (``edge-vlm --help`` stays instant), converts errors once.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_vlm import __version__
+from edge_vlm.errors import EdgeVLMError
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, Handler] = {}
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", help="model name, 'default' (shipped) or a GGUF path")
+    g.add_argument("--mmproj", help="vision projector GGUF for a model given as a path")
+    g.add_argument("--n-ctx", type=int, help="context window in tokens")
+    g.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    g.add_argument("--gpu", choices=["auto", "on", "off"], help="GPU offload (default: auto)")
+    g.add_argument("--flash-attn", choices=["auto", "on", "off"],
+                   help="flash attention (default: auto)")
+    g.add_argument("--verbose", action="store_true", default=None,
+                   help="show llama.cpp's log on stderr")
+
+
+def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "runtime.n_ctx": getattr(args, "n_ctx", None),
+        "runtime.threads": getattr(args, "threads", None),
+        "runtime.gpu": getattr(args, "gpu", None),
+        "runtime.flash_attn": getattr(args, "flash_attn", None),
+        "runtime.verbose": getattr(args, "verbose", None),
+        "images.allow_remote": getattr(args, "allow_remote_images", None),
+        "images.detail": getattr(args, "detail", None),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="edge-vlm",
+        description="Ask questions about images with a local vision-language model "
+                    "(llama.cpp, offline).",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-vlm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="answer one prompt about images, streaming to stdout")
+    run.add_argument("prompt", nargs="?", help="the question (default: read from stdin)")
+    run.add_argument("--image", "-i", action="append", default=[], metavar="PATH",
+                     help="image file or URL (repeatable; shown before the prompt)")
+    run.add_argument("--system", help="system message")
+    run.add_argument("--max-tokens", type=int, help="most tokens to generate")
+    run.add_argument("--temperature", type=float, help="0 = greedy (default from settings)")
+    run.add_argument("--seed", type=int, help="sampling seed")
+    run.add_argument("--stop", action="append", help="stop string (repeatable)")
+    run.add_argument("--detail", choices=["auto", "low", "high"], help="image detail")
+    run.add_argument("--json", action="store_true",
+                     help="print the chat-completion response JSON instead of streaming")
+    run.add_argument("--stats", action="store_true", help="print timing stats to stderr")
+    run.add_argument("--allow-remote-images", action="store_true", default=None,
+                     help="allow http(s) image URLs (off: nothing touches the network)")
+    _add_model_flags(run)
+
+    info = sub.add_parser("info", help="show llama.cpp backends, settings and paths")
+    _add_model_flags(info)
+
+    ev = sub.add_parser("eval", help="evaluate a model on the shipped model's shapes world")
+    ev.add_argument("--n", type=int, default=350, help="questions per variant")
+    ev.add_argument("--seed", type=int, default=12345, help="seed of the evaluation images")
+    ev.add_argument("--variants", default="png",
+                    help="comma list of png,jpeg70,640x360,300x500 (default: png)")
+    _add_model_flags(ev)
+    return parser
+
+
+def _command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from edge_vlm.api import VLM
+    from edge_vlm.config import load_settings
+    from edge_vlm.loader import load_model
+
+    settings = load_settings(_model_overrides(args))
+    loaded = load_model(args.model or settings.model.default, args.mmproj or settings.model.mmproj,
+                        settings)
+    return VLM(loaded, settings)
+
+
+def _image_url(value: str) -> str:
+    """CLI image arguments: URLs pass through; paths become absolute (they are the user's)."""
+    if "://" in value or value.startswith("data:"):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+@_command("run")
+def _run(args: argparse.Namespace) -> int:
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise _UsageError("no prompt: give it as an argument or on stdin")
+        prompt = sys.stdin.read().strip()
+    if not prompt:
+        raise _UsageError("the prompt is empty")
+    content: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": _image_url(p)}} for p in args.image
+    ]
+    content.append({"type": "text", "text": prompt})
+    messages: list[dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": content})
+    fields = {k: v for k, v in {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+        "stop": args.stop}.items() if v is not None}
+
+    with _load(args) as vlm:
+        if args.json:
+            reply = vlm.chat(messages, **fields)
+            print(reply.model_dump_json(indent=2, exclude_none=True))
+            stats = reply.timings
+        else:
+            stats = None
+            for chunk in vlm.chat(messages, stream=True, **fields):
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        sys.stdout.write(choice.delta.content)
+                        sys.stdout.flush()
+                if chunk.timings is not None:
+                    stats = chunk.timings
+            sys.stdout.write("\n")
+        if args.stats and stats is not None:
+            print(format_stats(stats), file=sys.stderr)
+    return 0
+
+
+def format_stats(s: Any) -> str:
+    """One human line of generation stats."""
+    parts = [
+        f"ttft {s.ttft_ms:.0f} ms",
+        f"prompt {s.prompt_tokens} tok ({s.image_tokens} image, {s.prompt_tokens_reused} reused)"
+        f" in {s.prompt_eval_ms:.0f} ms",
+        f"image decode {s.image_decode_ms:.0f} ms, encode {s.image_encode_ms:.0f} ms",
+        f"{s.completion_tokens} tok at {s.decode_tps:.1f} tok/s",
+        f"context {s.context_used}/{s.n_ctx}",
+        f"peak rss {s.peak_rss_mb:.0f} MiB",
+    ]
+    for i, im in enumerate(s.images):
+        parts.append(f"image {i + 1}: {im.width}x{im.height} detail {im.detail}, "
+                     f"{im.tokens} tok{', cached' if im.cache_hit else ''}")
+    return "stats: " + "; ".join(parts)
+
+
+@_command("info")
+def _info(args: argparse.Namespace) -> int:
+    from edge_vlm.backend import system_info
+    from edge_vlm.config import config_dir, data_dir, load_settings, settings_origin
+    from edge_vlm.loader import default_threads
+    from edge_vlm.resolve import shipped_model_dir
+
+    overrides = _model_overrides(args)
+    settings = load_settings(overrides)
+    origin = settings_origin(overrides)
+    sysinfo = system_info()
+    print(f"edge-vlm {__version__} (llama-cpp-python {sysinfo['llama_cpp_python']})")
+    print(f"llama.cpp: {sysinfo['system_info']}")
+    print(f"backends: {', '.join(_backends(sysinfo))}")
+    print(f"gpu offload: {sysinfo['gpu_offload']} (runtime.gpu = {settings.runtime.gpu})")
+    print(f"threads: {settings.runtime.threads or default_threads()}")
+    cfg = origin.config_file
+    print(f"config file: {cfg} ({'read' if origin.config_file_exists else 'not present'})")
+    print(f"environment: {', '.join(origin.env_vars) or 'no EDGE_VLM_* variables'}")
+    print(f"flags: {', '.join(origin.overrides) or 'none'}")
+    print(f"config dir: {config_dir()}")
+    print(f"data dir (models, conversations): {data_dir()}")
+    print(f"shipped model: {shipped_model_dir()}")
+    print("settings:")
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _backends(sysinfo: dict[str, str]) -> list[str]:
+    text = sysinfo["system_info"]
+    found = ["CPU"]
+    for name in ("Metal", "CUDA", "Vulkan", "SYCL", "ROCm", "HIP", "OpenCL", "BLAS", "RPC"):
+        if name.upper() in text.upper():
+            found.append(name)
+    return found
+
+
+@_command("eval")
+def _eval(args: argparse.Namespace) -> int:
+    from edge_vlm.shapes.evaluate import run_cli_eval
+
+    with _load(args) as vlm:
+        return run_cli_eval(vlm, n=args.n, seed=args.seed,
+                            variants=[v.strip() for v in args.variants.split(",") if v.strip()])
+
+
+class _UsageError(EdgeVLMError):
+    exit_code = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edge-vlm`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except EdgeVLMError as err:
+        if args.debug:
+            raise
+        print(f"edge-vlm: error: {err.message}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("edge-vlm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

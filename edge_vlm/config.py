@@ -1,0 +1,218 @@
+"""Settings: one object with nested sections, built by :func:`load_settings` and passed down.
+
+Precedence, highest first: CLI flags / keyword arguments > environment (``EDGE_VLM_...``,
+nested with ``__``, e.g. ``EDGE_VLM_RUNTIME__THREADS=4``) > a TOML file (``EDGE_VLM_CONFIG``
+or ``config.toml`` in the platform config dir) > defaults. No settings object is created at
+import time.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edge_vlm.errors import ConfigError
+
+APP_NAME = "edge-vlm"
+ENV_PREFIX = "EDGE_VLM_"
+
+_toml_file: ContextVar[Path | None] = ContextVar("edge_vlm_toml_file", default=None)
+
+
+class ModelSettings(BaseModel):
+    """Which model to load."""
+
+    default: str = "default"
+    """Model used when none is named: a store name, a GGUF path, or ``default`` (shipped)."""
+    mmproj: str | None = None
+    """mmproj GGUF for a model given as a path (store models know their own)."""
+
+
+class RuntimeSettings(BaseModel):
+    """llama.cpp context and hardware."""
+
+    n_ctx: int | None = Field(default=None, ge=64)
+    """Context window in tokens; None: the model's training context, at most 8192."""
+    n_batch: int = Field(default=512, ge=8)
+    """Prompt tokens evaluated per llama.cpp batch."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads; None: the number of physical cores."""
+    gpu: Literal["auto", "on", "off"] = "auto"
+    """Offload to the GPU: ``auto`` when the llama.cpp build supports offload."""
+    n_gpu_layers: int = -1
+    """Layers to offload when the GPU is used; -1: all."""
+    mmproj_on_gpu: bool = True
+    """Run the vision encoder on the GPU when offload is used."""
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+    """Flash attention for the language model and the vision encoder (``auto``: llama.cpp
+    enables it where the backend supports it, as llama-mtmd-cli does)."""
+    verbose: bool = False
+    """Show llama.cpp's own log lines on stderr."""
+
+
+class ImageSettings(BaseModel):
+    """How images are read."""
+
+    allow_remote: bool = False
+    """Fetch ``http(s)`` image URLs. Off: edge-vlm never touches the network by itself."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Hosts allowed even when they resolve to loopback or private addresses."""
+    allow_local_files: bool = True
+    """Accept local paths and ``file://`` URLs (CLI and Python API)."""
+    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    """Largest image file or data URL payload, in bytes."""
+    max_pixels: int = Field(default=50_000_000, ge=1)
+    """Largest image, in pixels, checked from the header before decoding."""
+    max_side: int | None = Field(default=None, ge=1)
+    """Downscale images so their longest side is at most this (None: the model's need)."""
+    detail: Literal["auto", "low", "high"] = "auto"
+    """Default detail when a request does not say."""
+
+
+class SamplingSettings(BaseModel):
+    """Defaults for requests that do not set these fields."""
+
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """0: greedy, reproducible answers."""
+    top_p: float = Field(default=0.95, ge=0.0, le=1.0)
+    top_k: int = Field(default=40, ge=0)
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=1.0, ge=0.0)
+    max_tokens: int = Field(default=512, ge=1)
+
+
+class CacheSettings(BaseModel):
+    """Reuse of earlier work."""
+
+    prefix_reuse: bool = True
+    """Keep the KV cache between requests and evaluate only the new suffix."""
+    embedding_cache_mb: int = Field(default=256, ge=0)
+    """In-memory LRU of vision-encoder outputs, in MiB (0: off)."""
+
+
+class Settings(BaseSettings):
+    """All of edge-vlm's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = _toml_file.get()
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+
+@dataclass
+class SettingsOrigin:
+    """Where the effective settings came from (shown by ``edge-vlm info``)."""
+
+    config_file: Path | None
+    config_file_exists: bool
+    env_vars: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+
+
+def config_dir() -> Path:
+    """The platform config directory (``~/.config/edge-vlm`` on Linux)."""
+    return Path(platformdirs.user_config_dir(APP_NAME))
+
+
+def data_dir() -> Path:
+    """Where models and conversations live: ``EDGE_VLM_HOME`` or the platform data dir."""
+    home = os.environ.get("EDGE_VLM_HOME")
+    return Path(home).expanduser() if home else Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def default_config_file() -> Path:
+    """``EDGE_VLM_CONFIG`` or ``config.toml`` in :func:`config_dir`."""
+    env = os.environ.get("EDGE_VLM_CONFIG")
+    return Path(env).expanduser() if env else config_dir() / "config.toml"
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``{"runtime.threads": 4}`` into ``{"runtime": {"threads": 4}}``; drop Nones."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        parts = key.split(".")
+        cur = nested
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = value
+    return nested
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None, *, config_file: Path | None = None
+) -> Settings:
+    """Build the settings from defaults, the TOML file, the environment and overrides.
+
+    Args:
+        overrides: Highest-precedence values (CLI flags), as dotted keys
+            (``{"runtime.threads": 4}``) or nested dicts; None values are ignored.
+        config_file: The TOML file to read instead of :func:`default_config_file`.
+
+    Raises:
+        ConfigError: naming the invalid setting and where it came from.
+    """
+    path = config_file or default_config_file()
+    token = _toml_file.set(path if path.is_file() else None)
+    try:
+        return Settings(**_nest(overrides or {}))
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(
+            f"setting '{key}': {first['msg']} (got {first.get('input')!r}); "
+            f"check {path if path.is_file() else 'the environment'}, "
+            f"EDGE_VLM_{key.upper().replace('.', '__')} and the command-line flags"
+        ) from None
+    except (OSError, ValueError) as err:  # a TOML syntax error surfaces as ValueError
+        raise ConfigError(f"cannot read settings file {path}: {err}") from None
+    finally:
+        _toml_file.reset(token)
+
+
+def settings_origin(overrides: dict[str, Any] | None = None) -> SettingsOrigin:
+    """Describe which file, environment variables and flags the settings came from."""
+    path = default_config_file()
+    env = sorted(k for k in os.environ if k.startswith(ENV_PREFIX))
+    return SettingsOrigin(
+        config_file=path,
+        config_file_exists=path.is_file(),
+        env_vars=env,
+        overrides=sorted(k for k, v in (overrides or {}).items() if v is not None),
+    )

@@ -1,0 +1,189 @@
+"""Load a model pair: resolve, validate the untrusted files, check the pair, then llama.cpp.
+
+The GGUF files are read with edge-vlm's own bounded parser before llama.cpp sees them: a
+missing mmproj tensor crashes llama.cpp with SIGSEGV, and a mismatched pair only shows up
+as a log line there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_vlm.config import Settings
+from edge_vlm.engine import Engine
+from edge_vlm.errors import ModelMismatchError
+from edge_vlm.gguf.reader import GGUFInfo, read_gguf
+from edge_vlm.gguf.validate import (
+    mmproj_output_width,
+    text_embedding_width,
+    validate_mmproj,
+    validate_text_model,
+)
+from edge_vlm.resolve import ModelRef, resolve_model
+from edge_vlm.template import ChatTemplate
+
+#: Projectors that cut big images into tiles plus an overview.
+TILING_PROJECTORS = {"idefics3", "llama4", "lfm2", "internvl", "minicpmv"}
+#: Longest side handed to the encoder when the mmproj gives no better figure.
+FALLBACK_MAX_SIDE = 2048
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What edge-vlm knows about a loaded pair (from the GGUF metadata)."""
+
+    name: str
+    model_path: Path
+    mmproj_path: Path
+    architecture: str
+    n_embd: int
+    n_ctx_train: int
+    projector_type: str
+    image_size: int
+    preproc_image_size: int
+    has_chat_template: bool
+
+    def max_image_side(self, detail: str) -> int:
+        """The longest side worth decoding an image to for a detail level."""
+        if self.projector_type in TILING_PROJECTORS:
+            if detail == "low":
+                return self.image_size or FALLBACK_MAX_SIDE
+            return self.preproc_image_size or FALLBACK_MAX_SIDE
+        if self.image_size and self.projector_type in {"mlp", "mlp_norm", "ldp", "ldpv2"}:
+            return self.image_size
+        return FALLBACK_MAX_SIDE
+
+
+def _meta_int(info: GGUFInfo, key: str, default: int = 0) -> int:
+    value = info.metadata.get(key, default)
+    return int(value) if isinstance(value, (int, float)) else default
+
+
+def _meta_str(info: GGUFInfo, key: str, default: str = "") -> str:
+    value = info.metadata.get(key, default)
+    return value if isinstance(value, str) else default
+
+
+def inspect_pair(ref: ModelRef) -> ModelInfo:
+    """Validate both files and their pairing, without llama.cpp.
+
+    Raises:
+        ModelLoadError: a file is not a valid GGUF of the expected kind.
+        ModelMismatchError: the mmproj's output width differs from the model's width.
+    """
+    model = read_gguf(ref.model)
+    validate_text_model(model, ref.model)
+    proj = read_gguf(ref.mmproj)
+    validate_mmproj(proj, ref.mmproj)
+    width_model = text_embedding_width(model)
+    width_proj = mmproj_output_width(proj)
+    if width_model and width_proj and width_model != width_proj:
+        raise ModelMismatchError(
+            f"mmproj '{ref.mmproj}' projects to {width_proj} dims but model '{ref.model}' "
+            f"expects {width_model}: they are from different models; use the mmproj "
+            "published with this model"
+        )
+    arch = _meta_str(model, "general.architecture")
+    return ModelInfo(
+        name=ref.name,
+        model_path=ref.model,
+        mmproj_path=ref.mmproj,
+        architecture=arch,
+        n_embd=width_model or 0,
+        n_ctx_train=_meta_int(model, f"{arch}.context_length"),
+        projector_type=_meta_str(proj, "clip.projector_type")
+        or _meta_str(proj, "clip.vision.projector_type"),
+        image_size=_meta_int(proj, "clip.vision.image_size"),
+        preproc_image_size=_meta_int(proj, "clip.vision.preproc_image_size"),
+        has_chat_template="tokenizer.chat_template" in model.metadata,
+    )
+
+
+def file_fingerprint(path: Path) -> str:
+    """A cheap identity of a large file: size, mtime and hashes of its head and tail."""
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > 1 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:32]
+
+
+def default_threads() -> int:
+    """The number of physical cores (llama.cpp is memory-bound past that)."""
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except Exception:  # psutil missing or unable to tell
+        physical = None
+    return max(1, physical or os.cpu_count() or 1)
+
+
+@dataclass
+class LoadedModel:
+    """A model pair loaded into llama.cpp, with its engine and template."""
+
+    ref: ModelRef
+    info: ModelInfo
+    engine: Engine
+    template: ChatTemplate
+
+    def close(self) -> None:
+        """Free everything llama.cpp holds for this model."""
+        self.engine.backend.close()
+        self.engine.cache.clear()
+
+
+def load_model(name: str | Path | None, mmproj: str | Path | None,
+               settings: Settings) -> LoadedModel:
+    """Resolve, validate and load a model pair.
+
+    Raises:
+        ModelNotFoundError, ModelLoadError, ModelMismatchError: with what to do.
+    """
+    from edge_vlm.backend import Backend, BackendConfig, supports_gpu_offload
+
+    ref = resolve_model(name, mmproj)
+    info = inspect_pair(ref)
+    rt = settings.runtime
+    gpu = rt.gpu == "on" or (rt.gpu == "auto" and supports_gpu_offload())
+    backend = Backend(BackendConfig(
+        model_path=ref.model,
+        mmproj_path=ref.mmproj,
+        n_ctx=rt.n_ctx,
+        n_batch=rt.n_batch,
+        threads=rt.threads or default_threads(),
+        n_gpu_layers=(rt.n_gpu_layers if rt.n_gpu_layers >= 0 else 999) if gpu else 0,
+        mmproj_use_gpu=gpu and rt.mmproj_on_gpu,
+        flash_attn=rt.flash_attn,
+        verbose=rt.verbose,
+    ))
+    try:
+        template = ChatTemplate(
+            backend.chat_template(),
+            bos_token=backend.token_text(backend.bos),
+            eos_token=backend.token_text(backend.eos),
+        )
+        if template.is_fallback:
+            warnings.warn(
+                f"model '{ref.model}' has no chat template; using edge-vlm's generic one "
+                "(<|role|>...<|end|>): answers may be poor",
+                stacklevel=2,
+            )
+        engine = Engine(
+            backend,
+            mmproj_fingerprint=file_fingerprint(ref.mmproj),
+            embedding_cache_bytes=settings.cache.embedding_cache_mb * 1024 * 1024,
+            prefix_reuse=settings.cache.prefix_reuse,
+        )
+    except BaseException:
+        backend.close()
+        raise
+    return LoadedModel(ref, info, engine, template)

@@ -1,0 +1,429 @@
+"""The one chat-message schema: OpenAI / Hugging Face chat-completion request and response.
+
+Field for field what ``huggingface_hub.InferenceClient.chat_completion`` and the OpenAI SDK
+send and read. The Python API, the CLI, the TUI and the server all build and consume these
+models; there is no second message format. Unknown fields from newer clients are ignored.
+
+Validation happens here, at the edge, before any model work: :func:`parse_request` turns a
+plain dict into a :class:`ChatCompletionRequest` or raises :class:`~edge_vlm.errors.RequestError`
+naming the exact field, e.g. ``messages[1].content[0].image_url.url``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge_vlm.errors import RequestError
+
+#: The largest ``max_tokens`` accepted before the context check (a sanity bound).
+MAX_TOKENS_LIMIT = 1_000_000
+
+Detail = Literal["auto", "low", "high"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class ImageURL(_Model):
+    """The ``image_url`` object of an image part."""
+
+    url: str
+    """A ``data:`` URL, a local path or ``file://`` URL, or an ``http(s)`` URL (when allowed)."""
+    detail: Detail | None = None
+    """How much detail to encode: ``low`` (one tile), ``high`` (full tiling), ``auto``."""
+
+
+class TextPart(_Model):
+    """A text part of a message's content."""
+
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImagePart(_Model):
+    """An image part of a message's content."""
+
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Model):
+    """One message of a conversation."""
+
+    role: Literal["system", "user", "assistant"]
+    """Who wrote it. Images are allowed only in ``user`` messages."""
+    content: str | list[ContentPart] | None = None
+    """A string, or a list of text and image parts in the order they are shown."""
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_kind(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, (str, list)):
+            raise ValueError(
+                f"must be a string or a list of content parts, got {type(v).__name__}")
+        return v
+
+    @model_validator(mode="after")
+    def _images_only_from_user(self) -> ChatMessage:
+        if self.role != "user" and isinstance(self.content, list):
+            for part in self.content:
+                if isinstance(part, ImagePart):
+                    article = "an" if self.role[0] in "aeiou" else "a"
+                    raise ValueError(
+                        f"images are only allowed in user messages, not in {article} "
+                        f"{self.role} message"
+                    )
+        return self
+
+    def text(self) -> str:
+        """The message's text parts joined together (images left out)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def images(self) -> list[ImageURL]:
+        """The message's image parts in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [p.image_url for p in self.content if isinstance(p, ImagePart)]
+
+
+class JSONSchemaSpec(_Model):
+    """OpenAI's ``response_format.json_schema`` object."""
+
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Model):
+    """Constrains the answer's form.
+
+    ``text`` (no constraint), ``json_object`` (any JSON object), ``json_schema`` (OpenAI:
+    ``json_schema.schema``), or Hugging Face's ``{"type": "json", "value": schema}``.
+    """
+
+    type: Literal["text", "json_object", "json_schema", "json"] = "text"
+    json_schema: JSONSchemaSpec | None = None
+    value: dict[str, Any] | None = None
+
+    def schema_dict(self) -> dict[str, Any] | None:
+        """The JSON schema to constrain to, ``{}`` for any JSON object, None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json":
+            return self.value or {"type": "object"}
+        if self.json_schema is None:
+            raise ValueError("response_format.type is 'json_schema' but json_schema is missing")
+        return self.json_schema.schema_ or {"type": "object"}
+
+
+class StreamOptions(_Model):
+    """``stream_options``: ``include_usage`` adds a last chunk carrying usage."""
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Model):
+    """A chat-completion request (OpenAI / HF ``chat_completion``)."""
+
+    model: str | None = None
+    """A model name from the store, a GGUF path, ``default`` or None for the default."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    """Most tokens to generate (``max_completion_tokens`` is an alias from newer clients)."""
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    """0 is greedy and reproducible."""
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    """Strings that end the answer; they are never part of the output."""
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repeat_penalty: float | None = None
+    response_format: ResponseFormat | None = None
+    n: int | None = None
+    """Only 1 is supported."""
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _positive_tokens(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= MAX_TOKENS_LIMIT:
+            raise ValueError(f"must be between 1 and {MAX_TOKENS_LIMIT}, got {v}")
+        return v
+
+    @field_validator("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty",
+                     "repeat_penalty")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 2.0:
+            raise ValueError(f"must be between 0 and 2, got {v}")
+        return v
+
+    @field_validator("top_p", "min_p")
+    @classmethod
+    def _probability(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be between 0 and 1, got {v}")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise ValueError(f"only n=1 is supported, got {v}: send {v} requests instead")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @property
+    def token_limit(self) -> int | None:
+        """``max_tokens``, or ``max_completion_tokens`` when only that was given."""
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """``stop`` as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class Usage(_Model):
+    """Token counts; ``prompt_tokens`` includes image tokens."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ImageStats(_Model):
+    """How one image of the prompt was handled."""
+
+    identity: str
+    """Content identity (hash of the preprocessed pixels)."""
+    width: int
+    height: int
+    detail: str = "auto"
+    tiles: int = 1
+    tokens: int = 0
+    decode_ms: float = 0.0
+    encode_ms: float = 0.0
+    cache_hit: bool = False
+    """True when the encoder output came from the embedding cache or the KV prefix."""
+
+
+class GenerationStats(_Model):
+    """Timings of one answer (the ``timings`` of a response, as llama.cpp's server reports)."""
+
+    prompt_tokens: int = 0
+    """All prompt tokens, text and image."""
+    prompt_tokens_reused: int = 0
+    """Prompt tokens already in the KV cache from the previous request (not evaluated)."""
+    prompt_tokens_evaluated: int = 0
+    image_tokens: int = 0
+    image_decode_ms: float = 0.0
+    """Reading and decoding the image files (Pillow)."""
+    image_encode_ms: float = 0.0
+    """The vision encoder."""
+    images: list[ImageStats] = Field(default_factory=list)
+    prompt_eval_ms: float = 0.0
+    """Evaluating the prompt in the language model (text and image embeddings)."""
+    prompt_tps: float = 0.0
+    ttft_ms: float = 0.0
+    """Time to first token, from the request to the first generated token."""
+    completion_tokens: int = 0
+    decode_ms: float = 0.0
+    decode_tps: float = 0.0
+    total_ms: float = 0.0
+    n_ctx: int = 0
+    context_used: int = 0
+    """Tokens in the context after the answer."""
+    peak_rss_mb: float = 0.0
+    embedding_cache_hits: int = 0
+    encode_ms_saved: float = 0.0
+
+
+class AssistantMessage(_Model):
+    """The answer."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class Choice(_Model):
+    """One choice of a non-streamed response."""
+
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletion(_Model):
+    """A non-streamed chat-completion response."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    timings: GenerationStats | None = None
+    """edge-vlm's stats (ignored by OpenAI/HF clients)."""
+
+
+class Delta(_Model):
+    """The increment of a streamed choice."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Model):
+    """One choice of a stream chunk."""
+
+    index: int = 0
+    delta: Delta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Model):
+    """A streamed chat-completion chunk; the last one carries ``timings``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    timings: GenerationStats | None = None
+
+
+def new_completion_id() -> str:
+    """A fresh ``chatcmpl-...`` id."""
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    """Unix time for the ``created`` field."""
+    return int(time.time())
+
+
+def field_path(loc: tuple[int | str, ...], raw: Any) -> str:
+    """Render a pydantic error location as ``messages[1].content[0].image_url.url``.
+
+    Union branch labels and discriminator tags that pydantic inserts are dropped by walking
+    the raw input alongside the location.
+    """
+    out = ""
+    cur: Any = raw
+    after_index = False
+    for item in loc:
+        if isinstance(item, int):
+            if isinstance(cur, list) and 0 <= item < len(cur):
+                cur = cur[item]
+            out += f"[{item}]"
+            after_index = True
+            continue
+        if after_index and isinstance(cur, dict) and cur.get("type") == item:
+            after_index = False
+            continue  # the discriminator tag of a content part
+        after_index = False
+        if isinstance(cur, dict) and item in cur:
+            cur = cur[item]
+        elif "[" in item or item in {"str", "int", "float", "bool"}:
+            continue  # a union branch label
+        out += f".{item}" if out else item
+    return out or "request"
+
+
+def _branch_mismatch(loc: tuple[int | str, ...], raw: Any) -> bool:
+    """True when an error belongs to a union branch whose type the input does not have."""
+    cur: Any = raw
+    for item in loc:
+        if isinstance(item, int) and isinstance(cur, list) and 0 <= item < len(cur):
+            cur = cur[item]
+        elif isinstance(item, str) and isinstance(cur, dict) and item in cur:
+            cur = cur[item]
+        elif item == "str":
+            return not isinstance(cur, str)
+        elif isinstance(item, str) and item.startswith("list["):
+            return not isinstance(cur, list)
+    return False
+
+
+def format_validation_error(err: ValidationError, raw: Any) -> RequestError:
+    """Turn a pydantic error into one RequestError naming the most relevant field."""
+    errors = err.errors(include_url=False)
+    relevant = [e for e in errors if not _branch_mismatch(tuple(e["loc"]), raw)] or errors
+    first = relevant[0]
+    path = field_path(tuple(first["loc"]), raw)
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        msg = "is required"
+    elif first["type"] == "too_short" and path == "messages":
+        msg = "must hold at least one message"
+    elif first["type"] in {"literal_error", "union_tag_invalid"}:
+        msg = f"{msg} (got {first.get('input')!r})"
+    more = f" (and {len(relevant) - 1} more problems)" if len(relevant) > 1 else ""
+    return RequestError(f"{path}: {msg}{more}", param=path)
+
+
+def parse_request(data: ChatCompletionRequest | dict[str, Any]) -> ChatCompletionRequest:
+    """Validate a request given as a model or a plain dict.
+
+    Raises:
+        RequestError: naming the first invalid field and what is wrong with it.
+    """
+    if isinstance(data, ChatCompletionRequest):
+        return data
+    if not isinstance(data, dict):
+        raise RequestError(f"request: expected a JSON object, got {type(data).__name__}")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as err:
+        raise format_validation_error(err, data) from None
+
+
+def parse_messages(messages: list[Any]) -> list[ChatMessage]:
+    """Validate a list of messages given as models or plain dicts (for the Python API)."""
+    raw = [m.model_dump(exclude_none=True) if isinstance(m, BaseModel) else m for m in messages]
+    return parse_request({"messages": raw}).messages

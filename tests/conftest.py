@@ -1,0 +1,61 @@
+"""Shared fixtures: real GGUF files written by the project, loaded through real llama.cpp."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from edge_vlm.gguf.testmodels import TinyVLMPaths, make_tiny_vlm
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> TinyVLMPaths:
+    """A seeded random-weight llama model + mlp mmproj (a few MB)."""
+    return make_tiny_vlm(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def mismatched_mmproj(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An mmproj that projects to 512 dims, for a 256-wide model."""
+    return make_tiny_vlm(tmp_path_factory.mktemp("mismatch"), projection_width=512,
+                         prefix="wide").mmproj
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_paths: TinyVLMPaths) -> Iterator[object]:
+    import edge_vlm
+
+    with edge_vlm.load(tiny_paths.model, tiny_paths.mmproj, threads=2) as vlm:
+        yield vlm
+
+
+def draw(path: Path, bg: tuple[int, int, int], box: tuple[int, int, int] | None = None,
+         size: tuple[int, int] = (96, 72)) -> Path:
+    """Write a simple test image: a background, optionally with a filled rectangle."""
+    img = Image.new("RGB", size, bg)
+    if box is not None:
+        ImageDraw.Draw(img).rectangle((10, 10, size[0] // 2, size[1] // 2), fill=box)
+    img.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("imgs")
+    return {
+        "red": draw(d / "red.png", (230, 20, 20)),
+        "blue": draw(d / "blue.png", (20, 20, 230), (250, 250, 0)),
+        "green": draw(d / "green.jpg", (20, 200, 40), (0, 0, 0)),
+    }
+
+
+def ask(image: Path | str | None, text: str = "What is this?") -> list[dict[str, object]]:
+    """A one-message conversation about an image."""
+    content: list[dict[str, object]] = []
+    if image is not None:
+        content.append({"type": "image_url", "image_url": {"url": str(image)}})
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
