@@ -11,16 +11,18 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from edge_vlm.api import VLM, load
-    from edge_vlm.config import Settings, load_settings
-    from edge_vlm.errors import (
-        ContextOverflowError,
-        EdgeVLMError,
-        ImageError,
-        ModelLoadError,
-        RequestError,
-    )
-    from edge_vlm.schema import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+    from edge_vlm.api import VLM as VLM
+    from edge_vlm.api import load as load
+    from edge_vlm.config import Settings as Settings
+    from edge_vlm.config import load_settings as load_settings
+    from edge_vlm.errors import ContextOverflowError as ContextOverflowError
+    from edge_vlm.errors import EdgeVLMError as EdgeVLMError
+    from edge_vlm.errors import ImageError as ImageError
+    from edge_vlm.errors import ModelLoadError as ModelLoadError
+    from edge_vlm.errors import RequestError as RequestError
+    from edge_vlm.schema import ChatCompletion as ChatCompletion
+    from edge_vlm.schema import ChatCompletionChunk as ChatCompletionChunk
+    from edge_vlm.schema import ChatCompletionRequest as ChatCompletionRequest
 
 _LAZY = {
     "load": "edge_vlm.api",

@@ -134,11 +134,12 @@ class VLM:
 
     @overload
     def chat(self, messages: Any = ..., *, stream: Literal[False] = ...,
-             cancel: threading.Event | None = ..., **fields: Any) -> ChatCompletion: ...
+             cancel: threading.Event | None = ..., policy: ImagePolicy | None = ...,
+             **fields: Any) -> ChatCompletion: ...
 
     @overload
     def chat(self, messages: Any = ..., *, stream: Literal[True],
-             cancel: threading.Event | None = ...,
+             cancel: threading.Event | None = ..., policy: ImagePolicy | None = ...,
              **fields: Any) -> Iterator[ChatCompletionChunk]: ...
 
     def chat(
@@ -147,6 +148,7 @@ class VLM:
         *,
         stream: bool = False,
         cancel: threading.Event | None = None,
+        policy: ImagePolicy | None = None,
         **fields: Any,
     ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
         """Answer a conversation.
@@ -157,6 +159,8 @@ class VLM:
                 :class:`~edge_vlm.schema.ChatCompletionRequest` or its dict.
             stream: Return an iterator of chunks; the last carries ``timings``.
             cancel: Set it from another thread to stop within one token.
+            policy: Where images may come from (default: :meth:`image_policy`, from the
+                settings); the server passes its own, stricter one.
             **fields: Request fields: ``max_tokens``, ``temperature``, ``seed``, ``stop``,
                 ``response_format``, ``top_p``, ...
 
@@ -166,7 +170,7 @@ class VLM:
             ContextOverflowError: the prompt and max_tokens do not fit the context.
         """
         request = self._request(messages, stream, fields)
-        chunks = self._stream(request, cancel)
+        chunks = self._stream(request, cancel, policy)
         if request.stream:
             return chunks
         return self._collect(chunks)
@@ -208,10 +212,11 @@ class VLM:
         )
 
     def _stream(
-        self, request: ChatCompletionRequest, cancel: threading.Event | None
+        self, request: ChatCompletionRequest, cancel: threading.Event | None,
+        policy: ImagePolicy | None = None,
     ) -> Iterator[ChatCompletionChunk]:
         t_start = time.perf_counter()
-        images = self.load_images(request.messages)
+        images = self.load_images(request.messages, policy)
         text = self.render(request.messages)
         params = self._params(request)
         cid, created = new_completion_id(), now()

@@ -82,7 +82,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--variants", default="png",
                     help="comma list of png,jpeg70,640x360,300x500 (default: png)")
     _add_model_flags(ev)
+
+    for name, module in _PLUGINS.items():
+        mod = _plugin(module)
+        if mod is not None:
+            mod.add_parser(sub, _add_model_flags)
+            _COMMANDS.setdefault(name, mod.main)
     return parser
+
+
+#: Subcommands living in their own packages. Each module exposes
+#: ``add_parser(subparsers, add_model_flags)`` (argparse only: imported for --help) and
+#: ``main(args) -> int`` (imports heavy parts inside).
+_PLUGINS = {
+    "chat": "edge_vlm.tui.cli",
+    "serve": "edge_vlm.server.cli",
+    "models": "edge_vlm.store.cli",
+    "batch": "edge_vlm.batch.cli",
+}
+
+
+def _plugin(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and module.startswith(err.name):
+            return None  # that subcommand is not part of this install
+        raise
 
 
 def _command(name: str) -> Callable[[Handler], Handler]:

@@ -102,6 +102,46 @@ class CacheSettings(BaseModel):
     """In-memory LRU of vision-encoder outputs, in MiB (0: off)."""
 
 
+class ServerSettings(BaseModel):
+    """``edge-vlm serve``: the local chat-completion API."""
+
+    host: str = "127.0.0.1"
+    """Address to bind. Anything but loopback requires a token."""
+    port: int = Field(default=8080, ge=0, le=65535)
+    token: str | None = None
+    """Bearer token clients must send; None on loopback: auth off."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins allowed by CORS (empty: CORS off)."""
+    allowed_local_media_path: str | None = None
+    """Folder under which ``file://`` image URLs and paths are allowed (None: refused)."""
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(default=8, ge=0)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    queue_size: int = Field(default=8, ge=1)
+    """Requests waiting per loaded model before new ones get 503."""
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    max_json_depth: int = Field(default=32, ge=4)
+    response_cache_entries: int = Field(default=256, ge=0)
+    """Deterministic responses kept for ``x-use-cache`` (0: off)."""
+    wait_for_model_timeout_s: float = Field(default=120.0, gt=0)
+    max_loaded_models: int = Field(default=1, ge=1)
+
+
+class TuiSettings(BaseModel):
+    """``edge-vlm chat``: the terminal app."""
+
+    theme: str = "textual-dark"
+    show_stats: bool = True
+    """Show timing stats under each answer."""
+
+
+class StoreSettings(BaseModel):
+    """The model store (under ``EDGE_VLM_HOME`` or the platform data dir)."""
+
+    verify_on_load: bool = False
+    """Re-hash model files before every load (slow for large files)."""
+
+
 class Settings(BaseSettings):
     """All of edge-vlm's settings."""
 
@@ -117,6 +157,9 @@ class Settings(BaseSettings):
     images: ImageSettings = Field(default_factory=ImageSettings)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    tui: TuiSettings = Field(default_factory=TuiSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     @classmethod
     def settings_customise_sources(

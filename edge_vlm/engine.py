@@ -9,6 +9,7 @@ between tokens.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import threading
@@ -328,10 +329,8 @@ class Engine:
         """After a failure the KV cache content is unknown: start from scratch next time."""
         self._kv = []
         self._kv_pos = 0
-        try:
+        with contextlib.suppress(GenerationError):
             self.backend.kv_truncate(0)
-        except GenerationError:
-            pass
 
     # -- debugging hooks (parity checks, tests) --------------------------------------
 

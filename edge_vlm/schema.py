@@ -382,7 +382,7 @@ def _branch_mismatch(loc: tuple[int | str, ...], raw: Any) -> bool:
         if isinstance(item, int) and isinstance(cur, list) and 0 <= item < len(cur):
             cur = cur[item]
         elif isinstance(item, str) and isinstance(cur, dict) and item in cur:
-            cur = cur[item]
+            cur = cur[item]  # noqa: SIM114 (the two branches index different types)
         elif item == "str":
             return not isinstance(cur, str)
         elif isinstance(item, str) and item.startswith("list["):

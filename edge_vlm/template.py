@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -77,9 +76,9 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             return operator.pow(left, right)
         # "*": bound sequence repetition
         for seq, count in ((left, right), (right, left)):
-            if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
-                if len(seq) * count > MAX_SEQUENCE:
-                    raise _TemplateLimitError("sequence repetition too large")
+            if (isinstance(seq, (str, list, tuple)) and isinstance(count, int)
+                    and len(seq) * count > MAX_SEQUENCE):
+                raise _TemplateLimitError("sequence repetition too large")
         return operator.mul(left, right)
 
     def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
@@ -199,5 +198,3 @@ class ChatTemplate:
             return {"role": message.role, "content": parts}
         return {"role": message.role, "content": "".join(p["text"] for p in parts)}
 
-
-TemplateFactory = Callable[[str | None, str, str], ChatTemplate]

@@ -28,7 +28,7 @@ def mismatched_mmproj(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_vlm(tiny_paths: TinyVLMPaths) -> Iterator[object]:
     import edge_vlm
 
-    with edge_vlm.load(tiny_paths.model, tiny_paths.mmproj, threads=2) as vlm:
+    with edge_vlm.load(tiny_paths.model, tiny_paths.mmproj, threads=1) as vlm:
         yield vlm
 
 

@@ -169,7 +169,7 @@ def _rss_mb() -> float:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_load_close_twenty_times_does_not_leak(tiny_paths, images):
     def cycle() -> None:
-        with edge_vlm.load(tiny_paths.model, tiny_paths.mmproj, threads=2) as vlm:
+        with edge_vlm.load(tiny_paths.model, tiny_paths.mmproj, threads=1) as vlm:
             vlm.chat(ask(images["red"]), max_tokens=2)
 
     for _ in range(3):

@@ -1,0 +1,418 @@
+"""Tests of edge_vlm.gguf: writer, vocabulary, builders, bounded reader and validators."""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_vlm.errors import ModelLoadError, ModelNotFoundError
+from edge_vlm.gguf import (
+    CHAT_SPECIAL_TOKENS,
+    SPACE,
+    ArraySummary,
+    GGMLType,
+    GGUFInfo,
+    GGUFValueType,
+    GGUFWriter,
+    Idefics3ProjectorSpec,
+    MLPProjectorSpec,
+    TextModelSpec,
+    TinyVLMPaths,
+    TokenType,
+    build_spm_vocab,
+    llama_tensor_shapes,
+    make_tiny_vlm,
+    mmproj_output_width,
+    read_gguf,
+    text_embedding_width,
+    tiny_vocab,
+    validate_mmproj,
+    validate_text_model,
+    write_idefics3_mmproj,
+    write_llama_model,
+    write_mlp_mmproj,
+)
+
+V = GGUFValueType
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyVLMPaths:
+    return make_tiny_vlm(tmp_path_factory.mktemp("tiny"))
+
+
+def _rewrite(
+    info: GGUFInfo,
+    out: Path,
+    *,
+    drop_tensor: str = "",
+    kv: dict[str, Any] | None = None,
+    types: dict[str, GGUFValueType] | None = None,
+) -> Path:
+    """Copy a (small) GGUF file, dropping a tensor or replacing metadata values/types."""
+    w = GGUFWriter(out, alignment=info.alignment)
+    kv, types = kv or {}, types or {}
+    for key, value in info.metadata.items():
+        if key == "general.alignment":
+            continue
+        assert not isinstance(value, ArraySummary), "rewrite only files with short arrays"
+        vtype, etype = info.value_types[key]
+        w.add(key, kv.get(key, value), types.get(key, vtype), etype)
+    raw = info.path.read_bytes()
+    for t in info.tensors.values():
+        if t.name == drop_tensor:
+            continue
+        dt = {GGMLType.F32: "<f4", GGMLType.F16: "<f2"}[t.ggml_type]
+        arr = np.frombuffer(raw, dt, count=t.nbytes // np.dtype(dt).itemsize, offset=t.offset)
+        w.add_tensor(t.name, arr.reshape(tuple(reversed(t.shape))), t.ggml_type)
+    return w.write()
+
+
+def _header(*, version: int = 3, n_tensors: int = 0, n_kv: int = 0, body: bytes = b"") -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv) + body
+
+
+def _gguf_str(s: str) -> bytes:
+    return struct.pack("<Q", len(s.encode())) + s.encode()
+
+
+def _tensor_entry(name: str, ne: list[int], gtype: int = 0, offset: int = 0) -> bytes:
+    return _gguf_str(name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, gtype, offset)
+
+
+# -- writer ---------------------------------------------------------------------------------
+
+
+def test_writer_round_trip(tmp_path: Path) -> None:
+    w = GGUFWriter(tmp_path / "rt.gguf")
+    w.add_uint32("a.u32", 7)
+    w.add_int32("a.i32", -3)
+    w.add_uint64("a.u64", 2**40)
+    w.add_float32("a.f32", 0.5)
+    w.add_bool("a.bool", True)
+    w.add_string("a.str", "héllo {{ x }}")
+    w.add_array("a.floats", [0.25, 0.5, 0.75], V.FLOAT32)
+    w.add_array("a.strs", ["x", "▁y", ""], V.STRING)
+    w.add_array("a.long", list(range(1000)), V.INT32)
+    rng = np.random.default_rng(0)
+    mats = {
+        "m2": rng.standard_normal((3, 5)).astype(np.float32),
+        "v1": rng.standard_normal(7).astype(np.float32),
+        "c4": rng.standard_normal((4, 3, 2, 2)).astype(np.float32),
+    }
+    w.add_tensor("m2", mats["m2"], "F16")
+    w.add_tensor("v1", mats["v1"], "F32")
+    w.add_tensor("c4", mats["c4"], "F32")
+    path = w.write()
+
+    info = read_gguf(path)
+    md = info.metadata
+    assert (md["a.u32"], md["a.i32"], md["a.u64"], md["a.bool"]) == (7, -3, 2**40, True)
+    assert md["a.f32"] == 0.5 and md["a.str"] == "héllo {{ x }}"
+    assert md["a.floats"] == [0.25, 0.5, 0.75] and md["a.strs"] == ["x", "▁y", ""]
+    assert md["a.long"] == ArraySummary(V.INT32, 1000)
+    assert info.value_types["a.u32"] == (V.UINT32, None)
+    assert info.value_types["a.strs"] == (V.ARRAY, V.STRING)
+    assert md["general.alignment"] == 32
+    raw = path.read_bytes()
+    for name, arr in mats.items():
+        t = info.tensors[name]
+        assert t.shape == tuple(reversed(arr.shape))  # ggml ne order
+        assert t.offset % 32 == 0
+        dt = "<f2" if name == "m2" else "<f4"
+        got = np.frombuffer(raw, dt, count=arr.size, offset=t.offset).reshape(arr.shape)
+        np.testing.assert_allclose(got, arr, rtol=1e-3)
+    assert list(info.tensors) == ["m2", "v1", "c4"]
+
+
+def test_writer_refuses_bad_input_and_leaves_no_file(tmp_path: Path) -> None:
+    w = GGUFWriter(tmp_path / "x.gguf")
+    w.add_uint32("k", 1)
+    with pytest.raises(ValueError, match="twice"):
+        w.add_uint32("k", 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        w.add_uint32("neg", -1)
+    with pytest.raises(ValueError, match="bytes"):
+        w.add_tensor("n" * 64, np.zeros(4), "F32")
+    with pytest.raises(ValueError, match="dims"):
+        w.add_tensor("five", np.zeros((1, 1, 1, 1, 2)), "F32")
+    (tmp_path / "x.gguf").write_bytes(b"old")
+    w.add_tensor("big", np.array([1e6], np.float32), "F16")  # beyond the F16 range
+    with pytest.raises(ValueError, match="inf"):
+        w.write()
+    assert (tmp_path / "x.gguf").read_bytes() == b"old"  # atomic: old file untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]  # no temp file left
+
+
+# -- vocabulary -----------------------------------------------------------------------------
+
+
+def test_vocab_layout_and_special_tokens() -> None:
+    v = build_spm_vocab(["▁red", "▁read"], CHAT_SPECIAL_TOKENS, newline_tokens=True, eot="<|end|>")
+    assert v.tokens[:3] == ["<unk>", "<s>", "</s>"] and v.tokens[3] == "<0x00>"
+    assert v.tokens[3 + 0x0A] == "<0x0A>" and v.token_types[3 + 255] == TokenType.BYTE
+    assert len(set(v.tokens)) == len(v.tokens)
+    end = v.token_id("<|end|>")
+    assert v.eot_id == end and v.token_types[end] == TokenType.CONTROL
+    assert "\n" in v and "\n\n" in v
+    assert v.tokenize("<|user|>red<|end|>") == [v.token_id("<|user|>"), v.token_id("▁red"), end]
+    assert v.detokenize(v.tokenize("read the red", add_bos=True)) == " read the red"
+    with pytest.raises(ValueError, match="after its start"):
+        build_spm_vocab(["▁two▁words"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_vocab_every_word_is_one_token(seed: int) -> None:
+    # A tiny alphabet makes words share prefixes and inner pairs, the hard case for merging.
+    rng = random.Random(seed)
+    words = {
+        ("▁" if rng.random() < 0.7 else "") + "".join(rng.choices("abc", k=rng.randint(1, 7)))
+        for _ in range(40)
+    }
+    v = build_spm_vocab(sorted(words))
+    spaced = sorted(w for w in words if w.startswith(SPACE))
+    for w in spaced:
+        assert v.tokenize(w[1:]) == [v.token_id(w)], w  # the tokenizer adds the space
+    sentence = "".join(spaced).replace(SPACE, " ").lstrip()
+    assert v.tokenize(sentence) == [v.token_id(w) for w in spaced]
+
+
+# -- builders -------------------------------------------------------------------------------
+
+
+def _mlp_spec(**kw: Any) -> MLPProjectorSpec:
+    args: dict[str, Any] = dict(
+        image_size=32, patch_size=16, n_embd=32, n_ff=48, n_layer=2, n_head=2, n_embd_text=64
+    )
+    return MLPProjectorSpec(**(args | kw))
+
+
+def _random(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {n: rng.standard_normal(s).astype(np.float32) * 0.02 for n, s in shapes.items()}
+
+
+def test_write_mlp_mmproj_refuses_missing_tensor(tmp_path: Path) -> None:
+    spec = _mlp_spec()
+    weights = _random(spec.tensor_shapes())
+    del weights["mm.2.weight"]
+    with pytest.raises(ValueError, match=r"missing 'mm.2.weight'"):
+        write_mlp_mmproj(tmp_path / "p.gguf", spec, weights)
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_llama_model_refuses_bad_weights(tmp_path: Path) -> None:
+    spec = TextModelSpec(n_embd=64, n_layer=1, n_head=2, n_head_kv=1, n_ff=96)
+    vocab = tiny_vocab()
+    weights = _random(llama_tensor_shapes(spec, len(vocab)))
+    weights["blk.0.ffn_up.weight"] = weights["blk.0.ffn_up.weight"].T
+    weights["blk.7.attn_q.weight"] = np.zeros((64, 64), np.float32)
+    with pytest.raises(ValueError, match=r"unexpected 'blk.7.attn_q.weight'.*ffn_up.*\[96, 64\]"):
+        write_llama_model(tmp_path / "m.gguf", spec, vocab, weights)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="n_head_kv"):
+        TextModelSpec(n_embd=64, n_layer=1, n_head=2, n_head_kv=3, n_ff=96)
+    with pytest.raises(ValueError, match="swap"):
+        _mlp_spec(n_ff=32)
+
+
+def test_idefics3_mmproj_validates(tmp_path: Path) -> None:
+    spec = Idefics3ProjectorSpec(
+        image_size=64,
+        patch_size=16,
+        n_embd=32,
+        n_ff=48,
+        n_layer=1,
+        n_head=2,
+        n_embd_text=64,
+        scale_factor=2,
+    )
+    path = write_idefics3_mmproj(tmp_path / "i.gguf", spec, _random(spec.tensor_shapes()))
+    info = read_gguf(path)
+    validate_mmproj(info)
+    assert mmproj_output_width(info) == 64
+    assert info.tensors["mm.model.fc.weight"].shape == (32 * 4, 64)
+    assert info.tensors["v.patch_embd.weight"].ggml_type == GGMLType.F32
+    assert info.metadata["clip.vision.projector.scale_factor"] == 2
+
+
+def test_tiny_vlm_is_valid_and_deterministic(tmp_path: Path, tiny: TinyVLMPaths) -> None:
+    model, mmproj = read_gguf(tiny.model), read_gguf(tiny.mmproj)
+    validate_text_model(model)
+    validate_mmproj(mmproj)
+    assert text_embedding_width(model) == mmproj_output_width(mmproj) == 256
+    assert tiny.model.stat().st_size + tiny.mmproj.stat().st_size < 8_000_000
+    again = make_tiny_vlm(tmp_path)
+    assert again.model.read_bytes() == tiny.model.read_bytes()
+    odd = make_tiny_vlm(tmp_path, projection_width=128, prefix="odd")
+    assert mmproj_output_width(read_gguf(odd.mmproj)) == 128
+
+
+# -- broken files ---------------------------------------------------------------------------
+
+
+_BROKEN: dict[str, tuple[bytes, str]] = {
+    "empty": (b"", "empty"),
+    "zip": (b"PK\x03\x04" + b"\0" * 60, r"not a GGUF file \(starts with b'PK\\x03\\x04'\).*ZIP"),
+    "html": (b"<!DOCTYPE html><html>", "not a GGUF file.*HTML"),
+    "lfs-pointer": (b"version https://git-lfs.github.com/spec/v1\n", "git lfs pull"),
+    "version-4": (_header(version=4), "unsupported GGUF version 4"),
+    "version-1": (_header(version=1), "v1 is obsolete"),
+    "big-endian": (_header(version=3 << 24), "big-endian"),
+    "short-header": (b"GGUF\x03\0", "truncated"),
+    "absurd-kv-count": (_header(n_kv=2**40), "claims 1099511627776 metadata entries"),
+    "absurd-tensor-count": (_header(n_tensors=2**63), "claims 9223372036854775808 tensors"),
+    "unknown-value-type": (
+        _header(n_kv=1, body=_gguf_str("k") + struct.pack("<I", 99) + b"\0" * 16),
+        "unknown type",
+    ),
+    "huge-string-array": (
+        _header(n_kv=1, body=_gguf_str("k") + struct.pack("<IIQ", 9, 8, 2**50) + b"\0" * 8),
+        "claims 1125899906842624 strings",
+    ),
+    "shape-overflow": (
+        _header(n_tensors=1, body=_tensor_entry("t", [2**62, 2**62]) + b"\0" * 32),
+        "overflows",
+    ),
+    "five-dims": (
+        _header(n_tensors=1, body=_tensor_entry("t", [4, 4, 4, 4, 4]) + b"\0" * 32),
+        "5 dimensions",
+    ),
+    "retired-type": (
+        _header(n_tensors=1, body=_tensor_entry("t", [4], gtype=4) + b"\0" * 32),
+        "unknown ggml type 4",
+    ),
+    "partial-block": (
+        _header(n_tensors=1, body=_tensor_entry("t", [33], gtype=8) + b"\0" * 32),
+        "not a multiple of the Q8_0 block size 32",
+    ),
+    "data-past-end": (
+        _header(n_tensors=1, body=_tensor_entry("t", [1024]) + b"\0" * 64),
+        r"truncated: tensor 't' ends at byte 4160 but the file has 121 bytes",
+    ),
+    "offset-gap": (
+        _header(n_tensors=1, body=_tensor_entry("t", [4], offset=64) + b"\0" * 64),
+        "has data offset 64, expected 0",
+    ),
+    "duplicate-tensor": (
+        _header(n_tensors=2, body=_tensor_entry("t", [4]) * 2 + b"\0" * 64),
+        "appears twice",
+    ),
+}
+
+
+@pytest.mark.parametrize(("content", "message"), list(_BROKEN.values()), ids=list(_BROKEN))
+def test_broken_files(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "x.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        read_gguf(path)
+
+
+def test_truncated_at_many_points(tmp_path: Path, tiny: TinyVLMPaths) -> None:
+    data = tiny.mmproj.read_bytes()
+    info = read_gguf(tiny.mmproj)
+    cuts = [2, 9, 30, 200, info.data_offset - 1, info.data_offset + 5000, len(data) - 1]
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError, match=r"truncated|not a GGUF"):
+            read_gguf(path)
+    last = list(info.tensors)[-1]
+    with pytest.raises(
+        ModelLoadError,
+        match=f"tensor '{last}' ends at byte {len(data)} but the file has {len(data) - 1} bytes",
+    ):
+        read_gguf(path)
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        read_gguf(tmp_path / "nope.gguf")
+    with pytest.raises(ModelLoadError, match="directory"):
+        read_gguf(tmp_path)
+
+
+def test_model_and_mmproj_swapped(tiny: TinyVLMPaths) -> None:
+    with pytest.raises(
+        ModelLoadError,
+        match=r"is a language model \(architecture 'llama'\), "
+        "not an mmproj: pass it as --model",
+    ):
+        validate_mmproj(read_gguf(tiny.model))
+    with pytest.raises(ModelLoadError, match=r"is an mmproj.*pass it as --mmproj"):
+        validate_text_model(read_gguf(tiny.mmproj))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(drop_tensor="mm.2.weight"), "lacks tensor 'mm.2.weight' required by the 'mlp'"),
+        (dict(drop_tensor="v.blk.1.attn_k.weight"), "lacks tensor 'v.blk.1.attn_k.weight'"),
+        (dict(kv={"clip.has_vision_encoder": False}), "has no vision encoder"),
+        (dict(types={"clip.vision.image_size": V.INT32}), "image_size is stored as int32"),
+        (dict(kv={"clip.vision.patch_size": 8}), "'v.patch_embd.weight' has shape"),
+    ],
+)
+def test_broken_mmproj(
+    tmp_path: Path, tiny: TinyVLMPaths, change: dict[str, Any], message: str
+) -> None:
+    path = _rewrite(read_gguf(tiny.mmproj), tmp_path / "p.gguf", **change)
+    with pytest.raises(ModelLoadError, match=message):
+        validate_mmproj(read_gguf(path))
+
+
+def test_broken_text_model(tmp_path: Path, tiny: TinyVLMPaths) -> None:
+    info = read_gguf(tiny.model, max_array_items=10_000)
+    path = _rewrite(info, tmp_path / "m.gguf", drop_tensor="blk.1.ffn_up.weight")
+    with pytest.raises(ModelLoadError, match=r"lacks tensor 'blk.1.ffn_up.weight'"):
+        validate_text_model(read_gguf(path))
+
+
+# -- through llama.cpp (via the runtime's backend, the one module that imports llama_cpp) ------
+
+
+@pytest.fixture(scope="module")
+def backend(tiny: TinyVLMPaths) -> Iterator[Any]:
+    from edge_vlm.backend import Backend, BackendConfig
+
+    b = Backend(BackendConfig(model_path=tiny.model, mmproj_path=tiny.mmproj, n_ctx=512,
+                              n_batch=256, threads=1, n_gpu_layers=0, mmproj_use_gpu=False,
+                              flash_attn="auto"))
+    yield b
+    b.close()
+
+
+def test_llama_cpp_tokenizes_words_and_end_as_single_tokens(backend: Any) -> None:
+    v = tiny_vocab()
+    assert backend.tokenize_text("Describe the picture", add_special=False,
+                                 parse_special=True) == [
+        v.token_id("▁Describe"),
+        v.token_id("▁the"),
+        v.token_id("▁picture"),
+    ]
+    end = backend.tokenize_text("<|end|>", add_special=False, parse_special=True)
+    assert end == [v.token_id("<|end|>")] and backend.is_eog(end[0])
+    assert not backend.is_eog(v.token_id("▁the"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "What is this?",
+        "<|user|>a red circle<|end|><|assistant|>",
+        "héllo\n\nworld  two  spaces",
+        "<s>x</s>",
+        "ñ 日本 🙂",
+        "",
+    ],
+)
+def test_python_tokenizer_matches_llama_cpp(backend: Any, text: str) -> None:
+    assert tiny_vocab().tokenize(text, add_bos=True) == backend.tokenize_text(
+        text, add_special=True, parse_special=True)
