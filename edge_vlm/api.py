@@ -219,6 +219,7 @@ class VLM:
         images = self.load_images(request.messages, policy)
         text = self.render(request.messages)
         params = self._params(request)
+        params.max_image_tokens = self.image_budget(images)
         cid, created = new_completion_id(), now()
         events = self.engine.generate(text, images, params, cancel=cancel, t_start=t_start)
         return self._chunks(request, events, cid, created)
@@ -256,6 +257,16 @@ class VLM:
             max_bytes=s.max_bytes,
             max_pixels=s.max_pixels,
         )
+
+    def image_budget(self, images: list[PromptImage]) -> int:
+        """The request's image-token budget: the highest detail any of its images asks for
+        (libmtmd preprocesses all images of a prompt alike)."""
+        s = self.settings.images
+        budgets = [self.info.image_token_budget(im.detail, s.max_image_tokens, s.max_tiles)
+                   for im in images]
+        if not budgets:
+            return 0
+        return 0 if 0 in budgets else max(budgets)
 
     def max_side(self, detail: str) -> int:
         """The longest image side worth handing to the vision encoder."""

@@ -86,7 +86,9 @@ class ImageChunk:
     """An image of a tokenized prompt: ``n_tokens`` embeddings at ``n_pos`` positions."""
 
     index: int  # position among the native chunks
-    identity: str
+    identity: str  # unique per tile: "<image identity>#<tile>"
+    image: str  # the image's identity (shared by its tiles)
+    tile: int  # 0 for an image's first (or only) chunk
     n_tokens: int
     n_pos: int
     nx: int
@@ -96,12 +98,25 @@ class ImageChunk:
 Chunk = TextChunk | ImageChunk
 
 
+def _next_tile(items: list[Chunk], image: str) -> int:
+    """The tile number of the next image chunk of ``image`` (0 when a new image starts).
+
+    A tiled image's chunks are interleaved with text chunks (row markers) and follow each
+    other; a new image starts after a chunk of a different image or the first of the run.
+    """
+    for prev in reversed(items):
+        if isinstance(prev, ImageChunk):
+            return prev.tile + 1 if prev.image == image else 0
+    return 0
+
+
 class PromptChunks:
     """A tokenized prompt; owns libmtmd's native chunk list (call :meth:`close`)."""
 
-    def __init__(self, native: Any, items: list[Chunk]) -> None:
+    def __init__(self, native: Any, items: list[Chunk], mtmd_ctx: Any) -> None:
         self._native = native
         self.items = items
+        self.mtmd_ctx = mtmd_ctx
 
     @property
     def n_tokens(self) -> int:
@@ -219,6 +234,14 @@ class Backend:
         self.n_batch = cfg.n_batch
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
+        self._mtmd_budgets: dict[int, Any] = {}
+        self._mtmd = self._new_mtmd(cfg.image_max_tokens)
+        if not mtmd.mtmd_support_vision(self._mtmd):
+            raise ModelLoadError(f"mmproj '{cfg.mmproj_path}' has no vision encoder")
+        self.marker = mtmd.mtmd_default_marker().decode()
+
+    def _new_mtmd(self, max_image_tokens: int) -> Any:
+        cfg = self.cfg
         mp = mtmd.mtmd_context_params_default()
         mp.use_gpu = cfg.mmproj_use_gpu
         mp.print_timings = False
@@ -227,18 +250,26 @@ class Backend:
         mp.warmup = False
         if cfg.image_min_tokens:
             mp.image_min_tokens = cfg.image_min_tokens
-        if cfg.image_max_tokens:
-            mp.image_max_tokens = cfg.image_max_tokens
-        self._mtmd = mtmd.mtmd_init_from_file(str(cfg.mmproj_path).encode(), self._model, mp)
-        if not self._mtmd:
-            self._mtmd = None
+        if max_image_tokens:
+            mp.image_max_tokens = max_image_tokens
+        ctx = mtmd.mtmd_init_from_file(str(cfg.mmproj_path).encode(), self._model, mp)
+        if not ctx:
             raise ModelLoadError(
                 f"llama.cpp could not load the mmproj '{cfg.mmproj_path}' for model "
                 f"'{cfg.model_path}' (run with --verbose to see llama.cpp's log)"
             )
-        if not mtmd.mtmd_support_vision(self._mtmd):
-            raise ModelLoadError(f"mmproj '{cfg.mmproj_path}' has no vision encoder")
-        self.marker = mtmd.mtmd_default_marker().decode()
+        self._mtmd_budgets[max_image_tokens] = ctx
+        return ctx
+
+    def mtmd_for(self, max_image_tokens: int) -> Any:
+        """The vision context for an image-token budget (0: the model's full tiling).
+
+        A tiling projector's preprocessing is fixed per mtmd context, so each budget gets
+        its own context, created on first use (it holds its own copy of the mmproj
+        weights: the memory cost of a second detail level).
+        """
+        ctx = self._mtmd_budgets.get(max_image_tokens)
+        return ctx if ctx is not None else self._new_mtmd(max_image_tokens)
 
     # -- metadata ------------------------------------------------------------------------
 
@@ -304,9 +335,11 @@ class Backend:
         """Whether a token ends generation (EOS, EOT, ``<|end|>``...)."""
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def tokenize_prompt(self, text: str, images: Sequence[RGBImage]) -> PromptChunks:
+    def tokenize_prompt(
+        self, text: str, images: Sequence[RGBImage], max_image_tokens: int = 0
+    ) -> PromptChunks:
         """Tokenize a rendered prompt holding one marker per image (BOS added if the model
-        wants one).
+        wants one), images preprocessed for an image-token budget (0: full detail).
 
         Raises:
             GenerationError: the marker and image counts differ or libmtmd failed.
@@ -329,7 +362,8 @@ class Backend:
             inp.add_special = True
             inp.parse_special = True
             arr = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-            rc = mtmd.mtmd_tokenize(self._mtmd, native, ctypes.byref(inp), arr, len(bitmaps))
+            mctx = self.mtmd_for(max_image_tokens)
+            rc = mtmd.mtmd_tokenize(mctx, native, ctypes.byref(inp), arr, len(bitmaps))
             if rc == 1:
                 raise GenerationError(
                     f"the prompt has a different number of image markers than images "
@@ -348,9 +382,15 @@ class Backend:
                 elif kind == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                     it = mtmd.mtmd_input_chunk_get_tokens_image(ch)
                     cid = mtmd.mtmd_input_chunk_get_id(ch)
+                    # Tiling projectors give every tile of an image the image's id: number
+                    # them, so each tile has its own cache identity.
+                    base = cid.decode() if cid else ""
+                    tile = _next_tile(items, base)
                     items.append(ImageChunk(
                         index=i,
-                        identity=cid.decode() if cid else "",
+                        identity=f"{base}#{tile}",
+                        image=base,
+                        tile=tile,
                         n_tokens=int(mtmd.mtmd_input_chunk_get_n_tokens(ch)),
                         n_pos=int(mtmd.mtmd_input_chunk_get_n_pos(ch)),
                         nx=int(mtmd.mtmd_image_tokens_get_nx(it)),
@@ -358,7 +398,7 @@ class Backend:
                     ))
                 else:
                     raise GenerationError("audio input is not supported")
-            chunks = PromptChunks(native, items)
+            chunks = PromptChunks(native, items, mctx)
             native = None
             return chunks
         finally:
@@ -403,10 +443,10 @@ class Backend:
     def encode_image(self, chunks: PromptChunks, chunk: ImageChunk) -> npt.NDArray[np.float32]:
         """Run the vision encoder on an image chunk; returns ``[n_tokens, n_embd]`` floats."""
         native = chunks.native_chunk(chunk)
-        rc = mtmd.mtmd_encode_chunk(self._mtmd, native)
+        rc = mtmd.mtmd_encode_chunk(chunks.mtmd_ctx, native)
         if rc != 0:
             raise GenerationError(f"the vision encoder failed on an image (error {rc})")
-        ptr = mtmd.mtmd_get_output_embd(self._mtmd)
+        ptr = mtmd.mtmd_get_output_embd(chunks.mtmd_ctx)
         n = chunk.n_tokens * self.n_embd
         arr = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n,))
         return arr.copy().reshape(chunk.n_tokens, self.n_embd)
@@ -420,7 +460,7 @@ class Backend:
         ptr = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         new_n_past = llama_cpp.llama_pos(n_past)  # the helper *sets* it for images
         rc = mtmd.mtmd_helper_decode_image_chunk(
-            self._mtmd, self._ctx, native, ptr, n_past, 0, self.n_batch,
+            chunks.mtmd_ctx, self._ctx, native, ptr, n_past, 0, self.n_batch,
             ctypes.byref(new_n_past), mtmd.mtmd_helper_post_decode_callback(), None,
         )
         if rc != 0:
@@ -443,9 +483,10 @@ class Backend:
 
     def close(self) -> None:
         """Free the mtmd context, the llama context and the model (idempotent)."""
-        if self._mtmd is not None:
-            mtmd.mtmd_free(self._mtmd)
-            self._mtmd = None
+        for ctx in getattr(self, "_mtmd_budgets", {}).values():
+            mtmd.mtmd_free(ctx)
+        self._mtmd_budgets = {}
+        self._mtmd = None
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None

@@ -78,7 +78,12 @@ class ImageSettings(BaseModel):
     max_side: int | None = Field(default=None, ge=1)
     """Downscale images so their longest side is at most this (None: the model's need)."""
     detail: Literal["auto", "low", "high"] = "auto"
-    """Default detail when a request does not say."""
+    """Default detail when a request does not say: ``low`` one tile, ``high`` the model's
+    full tiling, ``auto`` the budget below (tiling projectors such as SmolVLM's only)."""
+    max_image_tokens: int | None = Field(default=None, ge=1)
+    """Image-token budget per image for ``auto`` (None: one tile on a CPU, full on a GPU)."""
+    max_tiles: int | None = Field(default=None, ge=1)
+    """Most tiles per image for ``auto`` (tokens = tiles x tokens per tile)."""
 
 
 class SamplingSettings(BaseModel):
@@ -108,23 +113,43 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     """Address to bind. Anything but loopback requires a token."""
     port: int = Field(default=8080, ge=0, le=65535)
+    """Port to listen on (0: any free port; the startup line tells which)."""
     token: str | None = None
     """Bearer token clients must send; None on loopback: auth off."""
+    require_token: bool = False
+    """Require a Bearer token even on loopback; with no ``token`` set, one is generated on
+    first use and stored in ``token_file`` (readable by you only)."""
+    token_file: str | None = None
+    """Where the generated token is kept (None: ``server-token`` in the config dir)."""
+    allowed_host_names: list[str] = Field(default_factory=list)
+    """Extra names accepted in the ``Host`` header besides the bound address and localhost
+    (names this machine is reached by); anything else is refused (DNS rebinding)."""
     cors_origins: list[str] = Field(default_factory=list)
     """Origins allowed by CORS (empty: CORS off)."""
     allowed_local_media_path: str | None = None
     """Folder under which ``file://`` image URLs and paths are allowed (None: refused)."""
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Largest request body, counted while reading (413 beyond)."""
     max_images_per_request: int = Field(default=8, ge=0)
+    """Most images in one request, over all its messages."""
     max_tokens_limit: int = Field(default=4096, ge=1)
+    """Largest ``max_tokens`` a request may ask for."""
     queue_size: int = Field(default=8, ge=1)
     """Requests waiting per loaded model before new ones get 503."""
     request_timeout_s: float = Field(default=300.0, gt=0)
+    """Longest a request may take, waiting in the queue included."""
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest a client may take to send its request headers and body (408 beyond)."""
     max_json_depth: int = Field(default=32, ge=4)
+    """Deepest nesting of arrays and objects accepted in a request body."""
     response_cache_entries: int = Field(default=256, ge=0)
     """Deterministic responses kept for ``x-use-cache`` (0: off)."""
     wait_for_model_timeout_s: float = Field(default=120.0, gt=0)
+    """Longest a request with ``x-wait-for-model: true`` waits for its model to load."""
     max_loaded_models: int = Field(default=1, ge=1)
+    """Models kept loaded at once; loading another unloads the least recently used idle one."""
+    preload: bool = True
+    """Start loading the default model when the server starts (else on first request)."""
 
 
 class TuiSettings(BaseModel):
@@ -133,6 +158,13 @@ class TuiSettings(BaseModel):
     theme: str = "textual-dark"
     show_stats: bool = True
     """Show timing stats under each answer."""
+    system_prompt: str = ""
+    """System prompt of new conversations (empty: none); change it in the app with /system."""
+    thumbnails: Literal["auto", "sixel", "kitty", "halfcell", "unicode", "off"] = "auto"
+    """How image thumbnails are drawn: ``auto`` picks Sixel or Kitty graphics where the
+    terminal supports them and coloured half-blocks otherwise."""
+    thumbnail_height: int = Field(default=6, ge=2, le=40)
+    """Thumbnail height in terminal rows."""
 
 
 class StoreSettings(BaseModel):
@@ -140,6 +172,14 @@ class StoreSettings(BaseModel):
 
     verify_on_load: bool = False
     """Re-hash model files before every load (slow for large files)."""
+    check_load: bool = True
+    """Load a new model pair once in a child process before installing or first using it,
+    so a llama.cpp crash on a bad file is reported instead of killing edge-vlm."""
+    check_load_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest that child-process load check may take before the file is refused."""
+    catalog_file: str | None = None
+    """An extra catalog TOML (same format as ``models/catalog.toml``) whose entries add to
+    or replace the shipped ones, e.g. pointing at an internal mirror."""
 
 
 class Settings(BaseSettings):

@@ -53,6 +53,8 @@ class GenerationParams:
     max_tokens: int
     sampler: SamplerParams
     stop: list[str] = field(default_factory=list)
+    max_image_tokens: int = 0
+    """Image-token budget for tiling projectors (0: the model's full tiling)."""
 
 
 @dataclass
@@ -98,9 +100,11 @@ class Engine:
 
     # -- prompt ----------------------------------------------------------------------
 
-    def tokenize(self, text: str, images: Sequence[PromptImage]) -> PromptChunks:
+    def tokenize(
+        self, text: str, images: Sequence[PromptImage], max_image_tokens: int = 0
+    ) -> PromptChunks:
         """Tokenize a rendered prompt with its images (caller closes the result)."""
-        return self.backend.tokenize_prompt(text, [im.rgb for im in images])
+        return self.backend.tokenize_prompt(text, [im.rgb for im in images], max_image_tokens)
 
     @staticmethod
     def _items(chunks: PromptChunks) -> list[tuple[KVItem, int]]:
@@ -158,6 +162,7 @@ class Engine:
         self._kv_pos = pos
         stats.prompt_tokens_reused = sum(w for _, w in items[:n_keep])
         image_stats = iter(stats.images)
+        ist: ImageStats | None = None
         idx = 0  # item index at the start of the current chunk
         t0 = time.perf_counter()
         for ch in chunks.items:
@@ -172,7 +177,10 @@ class Engine:
                     stats.prompt_tokens_evaluated += len(todo)
                 idx += len(ch.tokens)
                 continue
-            ist = next(image_stats, None)
+            if ch.tile == 0:
+                ist = next(image_stats, None)
+                if ist is not None:
+                    ist.tiles, ist.tokens, ist.cache_hit = 0, 0, True
             if idx >= n_keep:
                 embd, encode_ms, hit = self._image_embeddings(chunks, ch)
                 self._kv_pos = self.backend.decode_image(chunks, ch, embd, self._kv_pos)
@@ -182,11 +190,11 @@ class Engine:
                 if hit:
                     stats.embedding_cache_hits += 1
                 if ist is not None:
-                    ist.encode_ms, ist.cache_hit = encode_ms, hit
-            elif ist is not None:
-                ist.cache_hit = True  # already in the KV cache
-            if ist is not None:
-                ist.tokens = ch.n_tokens
+                    ist.encode_ms += encode_ms
+                    ist.cache_hit = ist.cache_hit and hit
+            if ist is not None:  # a chunk already in the KV cache counts as a hit
+                ist.tiles += 1
+                ist.tokens += ch.n_tokens
             idx += 1
         stats.prompt_eval_ms = (time.perf_counter() - t0) * 1000.0
         return True
@@ -243,7 +251,7 @@ class Engine:
                        detail=im.detail, decode_ms=im.decode_ms)
             for im in images
         ]
-        with self.tokenize(text, images) as chunks:
+        with self.tokenize(text, images, params.max_image_tokens) as chunks:
             stats.prompt_tokens = chunks.n_tokens
             stats.image_tokens = sum(
                 c.n_tokens for c in chunks.items if isinstance(c, ImageChunk))

@@ -7,6 +7,7 @@ as a log line there.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -46,10 +47,45 @@ class ModelInfo:
     image_size: int
     preproc_image_size: int
     has_chat_template: bool
+    patch_size: int = 0
+    scale_factor: int = 1
+    gpu: bool = False
+
+    @property
+    def tiling(self) -> bool:
+        """Whether the projector cuts large images into tiles."""
+        return self.projector_type in TILING_PROJECTORS
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Image tokens one encoder tile yields."""
+        if not self.image_size or not self.patch_size:
+            return 0
+        return (self.image_size // self.patch_size) ** 2 // max(1, self.scale_factor) ** 2
+
+    def image_token_budget(
+        self, detail: str, max_image_tokens: int | None, max_tiles: int | None
+    ) -> int:
+        """The mtmd image-token budget for a detail level (0: the model's full tiling).
+
+        ``low`` is one tile's worth (libmtmd then encodes one tile plus the overview);
+        ``high`` is the full tiling; ``auto`` takes the settings' budget, else full detail
+        when a GPU does the encoding and one tile's worth on a CPU, where every tile of a
+        SigLIP-sized encoder costs about two seconds.
+        """
+        if not self.tiling or not self.tokens_per_tile or detail == "high":
+            return 0
+        per_tile = self.tokens_per_tile
+        if detail == "low":
+            return per_tile
+        budgets = [b for b in (max_image_tokens, (max_tiles or 0) * per_tile) if b]
+        if budgets:
+            return max(per_tile, min(budgets))
+        return 0 if self.gpu else per_tile
 
     def max_image_side(self, detail: str) -> int:
         """The longest side worth decoding an image to for a detail level."""
-        if self.projector_type in TILING_PROJECTORS:
+        if self.tiling:
             if detail == "low":
                 return self.image_size or FALLBACK_MAX_SIDE
             return self.preproc_image_size or FALLBACK_MAX_SIDE
@@ -100,6 +136,8 @@ def inspect_pair(ref: ModelRef) -> ModelInfo:
         image_size=_meta_int(proj, "clip.vision.image_size"),
         preproc_image_size=_meta_int(proj, "clip.vision.preproc_image_size"),
         has_chat_template="tokenizer.chat_template" in model.metadata,
+        patch_size=_meta_int(proj, "clip.vision.patch_size"),
+        scale_factor=_meta_int(proj, "clip.vision.projector.scale_factor", 1) or 1,
     )
 
 
@@ -151,9 +189,9 @@ def load_model(name: str | Path | None, mmproj: str | Path | None,
     from edge_vlm.backend import Backend, BackendConfig, supports_gpu_offload
 
     ref = resolve_model(name, mmproj)
-    info = inspect_pair(ref)
     rt = settings.runtime
     gpu = rt.gpu == "on" or (rt.gpu == "auto" and supports_gpu_offload())
+    info = dataclasses.replace(inspect_pair(ref), gpu=gpu)
     backend = Backend(BackendConfig(
         model_path=ref.model,
         mmproj_path=ref.mmproj,

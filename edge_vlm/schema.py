@@ -375,14 +375,22 @@ def field_path(loc: tuple[int | str, ...], raw: Any) -> str:
     return out or "request"
 
 
+def _child(cur: Any, item: int | str) -> tuple[bool, Any]:
+    """Step into a list index or dict key of the raw input, if it is there."""
+    if isinstance(item, int) and isinstance(cur, list) and 0 <= item < len(cur):
+        return True, cur[item]
+    if isinstance(item, str) and isinstance(cur, dict) and item in cur:
+        return True, cur[item]
+    return False, None
+
+
 def _branch_mismatch(loc: tuple[int | str, ...], raw: Any) -> bool:
     """True when an error belongs to a union branch whose type the input does not have."""
     cur: Any = raw
     for item in loc:
-        if isinstance(item, int) and isinstance(cur, list) and 0 <= item < len(cur):
-            cur = cur[item]
-        elif isinstance(item, str) and isinstance(cur, dict) and item in cur:
-            cur = cur[item]  # noqa: SIM114 (the two branches index different types)
+        found, child = _child(cur, item)
+        if found:
+            cur = child
         elif item == "str":
             return not isinstance(cur, str)
         elif isinstance(item, str) and item.startswith("list["):

@@ -1,0 +1,97 @@
+"""Image detail on a tiling (idefics3, SmolVLM-style) projector: low / auto / high budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import edge_vlm
+from edge_vlm.gguf import (
+    CHAT_SPECIAL_TOKENS,
+    Idefics3ProjectorSpec,
+    TextModelSpec,
+    build_spm_vocab,
+    llama_tensor_shapes,
+    write_idefics3_mmproj,
+    write_llama_model,
+)
+from edge_vlm.gguf.testmodels import TINY_WORDS
+
+# Tokens libmtmd's idefics3 path looks up around tiles.
+IDEFICS3_TOKENS = ("<fake_token_around_image>", "<global-img>",
+                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)))
+
+
+def _random(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: (np.ones(s, np.float32) if len(s) == 1 else
+                (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32))
+            for n, s in shapes.items()}
+
+
+@pytest.fixture(scope="module")
+def tiling_vlm(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    d = tmp_path_factory.mktemp("idefics3")
+    vocab = build_spm_vocab(TINY_WORDS, (*CHAT_SPECIAL_TOKENS, *IDEFICS3_TOKENS),
+                            newline_tokens=True, eot="<|end|>")
+    spec = TextModelSpec(n_embd=256, n_layer=1, n_head=4, n_head_kv=2, n_ff=512, n_ctx=2048)
+    model = write_llama_model(d / "m.gguf", spec, vocab,
+                              _random(llama_tensor_shapes(spec, len(vocab)), 1))
+    proj = Idefics3ProjectorSpec(image_size=64, patch_size=16, n_embd=64, n_ff=128, n_layer=2,
+                                 n_head=4, n_embd_text=256, scale_factor=2,
+                                 preproc_image_size=256)
+    mmproj = write_idefics3_mmproj(d / "mmproj.gguf", proj, _random(proj.tensor_shapes(), 2))
+    with edge_vlm.load(model, mmproj, threads=1, gpu="off") as vlm:
+        yield vlm
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("photo") / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def ask_detail(vlm, image: Path, detail: str | None):  # type: ignore[no-untyped-def]
+    url = {"url": str(image)} | ({"detail": detail} if detail else {})
+    return vlm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": url},
+                                                  {"type": "text", "text": "What is this?"}]}],
+                    max_tokens=2, temperature=0).timings
+
+
+def test_high_uses_the_full_tiling_and_low_one_tile(tiling_vlm, photo):
+    high = ask_detail(tiling_vlm, photo, "high")
+    low = ask_detail(tiling_vlm, photo, "low")
+    assert high.images[0].detail == "high" and low.images[0].detail == "low"
+    # 400x300 at longest edge 256 -> 256x192 -> 4x3 tiles of 64 px + the overview.
+    assert high.images[0].tiles == 13
+    assert low.images[0].tiles <= 2
+    assert low.image_tokens < high.image_tokens
+    assert low.images[0].tokens == low.image_tokens
+
+
+def test_auto_on_a_cpu_defaults_to_the_cheap_budget(tiling_vlm, photo):
+    auto = ask_detail(tiling_vlm, photo, None)
+    low = ask_detail(tiling_vlm, photo, "low")
+    assert auto.images[0].detail == "auto"
+    assert auto.image_tokens == low.image_tokens
+
+
+def test_detail_is_part_of_the_cache_identity(tiling_vlm, photo):
+    ask_detail(tiling_vlm, photo, "high")
+    again = ask_detail(tiling_vlm, photo, "low")
+    high_again = ask_detail(tiling_vlm, photo, "high")
+    assert again.images[0].identity != high_again.images[0].identity
+    assert high_again.images[0].cache_hit
+
+
+def test_budget_tokens_follow_max_tiles(photo, tiling_vlm):
+    info = tiling_vlm.info
+    assert info.tokens_per_tile == 4  # (64/16)^2 / 2^2
+    assert info.image_token_budget("auto", None, 4) == 16
+    assert info.image_token_budget("auto", 40, 4) == 16
+    assert info.image_token_budget("high", 40, 4) == 0
