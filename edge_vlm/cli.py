@@ -76,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show llama.cpp backends, settings and paths")
     _add_model_flags(info)
 
-    ev = sub.add_parser("eval", help="evaluate a model on the shipped model's shapes world")
-    ev.add_argument("--n", type=int, default=350, help="questions per variant")
-    ev.add_argument("--seed", type=int, default=12345, help="seed of the evaluation images")
+    ev = sub.add_parser("eval", help="exact-match accuracy on the shipped model's shapes world")
+    ev.add_argument("--scenes", type=int, default=100,
+                    help="fresh scenes per variant (about 6.5 questions each)")
+    ev.add_argument("--seed", type=int, default=7, help="seed of the evaluation images")
     ev.add_argument("--variants", default="png",
                     help="comma list of png,jpeg70,640x360,300x500 (default: png)")
     _add_model_flags(ev)
@@ -235,11 +236,18 @@ def _backends(sysinfo: dict[str, str]) -> list[str]:
 
 @_command("eval")
 def _eval(args: argparse.Namespace) -> int:
-    from edge_vlm.shapes.evaluate import run_cli_eval
+    from edge_vlm.shapes.evaluate import evaluate, format_table
 
+    results = {}
     with _load(args) as vlm:
-        return run_cli_eval(vlm, n=args.n, seed=args.seed,
-                            variants=[v.strip() for v in args.variants.split(",") if v.strip()])
+        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            res = evaluate(vlm, n_scenes=args.scenes, seed=args.seed, variant=variant)
+            ok, n = res["overall"]
+            print(f"{vlm.name} {variant}: {100 * ok / n:.1f}% of {n}", file=sys.stderr,
+                  flush=True)
+            results[f"{vlm.name} {variant}"] = res
+    print(format_table(results))
+    return 0
 
 
 class _UsageError(EdgeVLMError):
