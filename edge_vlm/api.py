@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -244,6 +244,38 @@ class VLM:
                     assert ev.stats is not None
                     yield ChatCompletionChunk(id=cid, created=created, model=self.name,
                                               choices=[], usage=_usage(ev.stats))
+
+    # -- batch -----------------------------------------------------------------------
+
+    def batch(
+        self,
+        items: Iterable[Any],
+        prompts: Sequence[str] = (),
+        *,
+        system: str | None = None,
+        schema: dict[str, Any] | None = None,
+        conversation: bool = False,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        detail: Literal["auto", "low", "high"] | None = None,
+        out: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        stop: threading.Event | None = None,
+    ) -> Iterator[Any]:
+        """Ask every prompt about every image, one image at a time; yields ``BatchResult``s.
+
+        Each image is encoded once however many prompts are asked about it. With ``out``,
+        results are appended to a JSONL file line by line (``resume`` skips what it holds).
+        See :func:`edge_vlm.batch.runner.batch` for every argument.
+        """
+        from edge_vlm.batch.runner import batch
+
+        return batch(self, items, prompts, system=system, schema=schema,
+                     conversation=conversation, max_tokens=max_tokens, temperature=temperature,
+                     seed=seed, detail=detail, out=out, resume=resume, overwrite=overwrite,
+                     stop=stop)
 
     # -- request preparation ---------------------------------------------------------
 

@@ -1,0 +1,179 @@
+"""``edge-vlm batch``: ask questions about a whole folder of images, offline.
+
+:func:`add_parser` uses argparse only (it runs for ``edge-vlm --help``); :func:`main` imports
+the model and rich when the command runs.
+
+Exit codes: 0 every answer succeeded, 1 some answers failed (the count is printed), 2 bad
+usage or input (nothing was run), 130 interrupted (Ctrl+C; run again with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+_EPILOG = """\
+examples:
+  edge-vlm batch photos/ -p "Describe the image." --out captions.jsonl
+  edge-vlm batch scans/ --recursive -p "Extract the fields." --schema form.json \\
+      --out forms.jsonl
+  edge-vlm batch manifest.csv --out answers.jsonl --resume
+
+Each prompt is a fresh conversation about the image (--conversation: consecutive turns of
+one conversation); an image is encoded once however many prompts are asked about it.
+Every answer is one JSON line: path, image_sha256, prompt, prompt_index, answer (text, or
+the parsed JSON with --schema), finish_reason, usage, timings, model, settings, key, error.
+--resume skips the answers already in the results file and retries the failed ones.
+Ctrl+C stops after the current answer (twice: at once).
+"""
+
+
+def add_parser(subparsers: Any, add_model_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Create the ``batch`` subcommand (argparse only: no heavy imports)."""
+    p = subparsers.add_parser(
+        "batch",
+        help="ask prompts about many images, writing one JSON line per answer",
+        description="Ask prompts about image files, folders or manifests; results go to a "
+                    "JSONL file line by line, with progress, resume and structured output.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders of images, or JSONL/CSV manifests of image paths "
+                        "(with an optional prompt per image)")
+    p.add_argument("--prompt", "-p", action="append", default=[], metavar="TEXT",
+                   help="a question asked of every image (repeatable)")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="more questions, one a line (# comments and blank lines skipped)")
+    p.add_argument("--schema", metavar="SCHEMA.json",
+                   help="constrain every answer to this JSON schema; answers are written as JSON")
+    p.add_argument("--system", metavar="TEXT", help="system message")
+    p.add_argument("--out", "-o", required=True, metavar="RESULTS.jsonl",
+                   help="the results file (JSON lines, appended and flushed line by line)")
+    p.add_argument("--max-tokens", type=int, help="most tokens per answer")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default from settings)")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--detail", choices=["auto", "low", "high"], help="image detail")
+    p.add_argument("--recursive", "-r", action="store_true",
+                   help="include images in subfolders of folder inputs")
+    p.add_argument("--conversation", action="store_true",
+                   help="ask an image's prompts as consecutive turns of one conversation")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run: skip answers already in --out, retry failed ones")
+    p.add_argument("--overwrite", action="store_true", help="empty an existing --out first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_flags(p)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    from edge_vlm.batch.inputs import BatchInputError
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise BatchInputError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.temperature is not None and not 0.0 <= args.temperature <= 2.0:
+        raise BatchInputError(f"--temperature must be between 0 and 2, got {args.temperature}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``edge-vlm batch``; returns the exit code."""
+    import edge_vlm
+    from edge_vlm.batch.inputs import (
+        BatchInputError,
+        discover,
+        read_prompts_file,
+        read_schema_file,
+    )
+    from edge_vlm.batch.output import ResultWriter
+    from edge_vlm.batch.progress import BatchProgress
+    from edge_vlm.batch.runner import batch
+    from edge_vlm.config import load_settings
+
+    _check_flags(args)
+    prompts = [p.strip() for p in args.prompt if p.strip()]
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    schema = read_schema_file(args.schema) if args.schema else None
+    items = discover(args.inputs, recursive=args.recursive)
+    if not items:
+        hint = "" if args.recursive else " (add --recursive to look in subfolders)"
+        raise BatchInputError(f"no images found in {', '.join(args.inputs)}{hint}")
+    if not prompts and not all(item.prompts for item in items):
+        raise BatchInputError("no prompt: give --prompt TEXT (repeatable), --prompts-file FILE, "
+                              "or a prompt column in a manifest")
+    settings = load_settings({
+        "runtime.n_ctx": args.n_ctx, "runtime.threads": args.threads, "runtime.gpu": args.gpu,
+        "runtime.flash_attn": args.flash_attn, "runtime.verbose": args.verbose,
+        "images.detail": args.detail,
+    })
+
+    err = sys.stderr
+    with ResultWriter.open(args.out, resume=args.resume, overwrite=args.overwrite) as writer:
+        if writer.kept or writer.dropped or writer.truncated:
+            print(_resume_note(writer), file=err)
+        with edge_vlm.load(args.model or settings.model.default,
+                           args.mmproj or settings.model.mmproj, settings=settings) as vlm:
+            stop = threading.Event()
+            progress = BatchProgress(len(items), enabled=not args.no_progress)
+            with _StopOnSigint(stop, err), progress:
+                try:
+                    for result in batch(vlm, items, prompts, system=args.system, schema=schema,
+                                        conversation=args.conversation,
+                                        max_tokens=args.max_tokens,
+                                        temperature=args.temperature, seed=args.seed,
+                                        out=writer, stop=stop):
+                        progress.update(result)
+                except KeyboardInterrupt:
+                    stop.set()
+    summary = progress.summary
+    summary.interrupted = stop.is_set() and summary.images_remaining > 0
+    print(f"edge-vlm batch: {summary.describe()}", file=err)
+    if summary.interrupted:
+        print(f"edge-vlm batch: stopped; continue with the same command and --resume "
+              f"(results so far are in {writer.path})", file=err)
+        return 130
+    if summary.answers_failed:
+        total = summary.answers_ok + summary.answers_failed
+        print(f"edge-vlm batch: {summary.answers_failed} of {total} answers failed; their "
+              f"lines in {writer.path} carry the error (--resume retries them)", file=err)
+        return 1
+    return 0
+
+
+def _resume_note(writer: Any) -> str:
+    parts = [f"resuming {writer.path}: {len(writer.index)} answers already there will be "
+             "skipped"]
+    if writer.dropped:
+        parts.append(f"{writer.dropped} failed ones will be retried")
+    if writer.truncated:
+        parts.append(f"a torn last line ({writer.truncated} bytes) from an interrupted "
+                     "write was cut away")
+    return "edge-vlm batch: " + "; ".join(parts)
+
+
+class _StopOnSigint:
+    """First Ctrl+C: set ``stop`` (finish the current answer). Second: KeyboardInterrupt."""
+
+    def __init__(self, stop: threading.Event, err: Any) -> None:
+        self._stop = stop
+        self._err = err
+        self._old: Any = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._stop.is_set():
+            raise KeyboardInterrupt
+        self._stop.set()
+        print("\nedge-vlm batch: stopping after the current answer (Ctrl+C again to stop at "
+              "once)", file=self._err, flush=True)
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
