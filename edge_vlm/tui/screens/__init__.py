@@ -1,0 +1,1 @@
+"""The app's screens: the chat, and modal dialogs returning typed results."""
