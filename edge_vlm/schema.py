@@ -125,9 +125,8 @@ class ResponseFormat(_Model):
         """The JSON schema to constrain to, ``{}`` for any JSON object, None for free text."""
         if self.type == "text":
             return None
-        if self.type == "json_object":
-            return {"type": "object"}
-        if self.type == "json":
+        if self.type in ("json_object", "json"):
+            # HF's client sends {"type": "json_object", "value": schema} for json_schema.
             return self.value or {"type": "object"}
         if self.json_schema is None:
             raise ValueError("response_format.type is 'json_schema' but json_schema is missing")

@@ -1,0 +1,88 @@
+"""The server's request limits and the validation of a request body.
+
+Body size and JSON depth are checked while reading (:mod:`.exchange`); bytes and pixels
+per image by the image loader (:mod:`edge_vlm.images`); this module checks what the parsed
+request asks for: how many images, how many tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge_vlm.config import ServerSettings
+from edge_vlm.errors import RequestError
+from edge_vlm.schema import ChatCompletionRequest, ImagePart, parse_request
+from edge_vlm.server.errors import BadRequestError, ValidationFailedError, validation_error
+
+
+def parse_body(body: Any, model_from_path: str | None) -> ChatCompletionRequest:
+    """Validate a chat-completion body (the model in the URL path wins over ``model``).
+
+    Raises:
+        BadRequestError: the body is not a JSON object.
+        ValidationFailedError: a field is invalid, naming it.
+    """
+    if not isinstance(body, dict):
+        raise BadRequestError(
+            f"the request body must be a JSON object, not a JSON {_json_kind(body)}")
+    data = normalize_client_quirks(body)
+    if model_from_path is not None:
+        data["model"] = model_from_path
+    try:
+        return parse_request(data)
+    except RequestError as err:
+        raise validation_error(err) from None
+
+
+def normalize_client_quirks(body: dict[str, Any]) -> dict[str, Any]:
+    """Undo what a client does to a standard request on its way here.
+
+    ``huggingface_hub.InferenceClient`` turns OpenAI's ``{"type": "json_schema",
+    "json_schema": {"schema": S}}`` into ``{"type": "json_object", "value": S}`` (TGI's
+    form); the schema is still meant, so it becomes ``{"type": "json", "value": S}``.
+    """
+    data = dict(body)
+    fmt = data.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object" and fmt.get("value"):
+        data["response_format"] = {"type": "json", "value": fmt["value"]}
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def check_limits(request: ChatCompletionRequest, limits: ServerSettings) -> None:
+    """Refuse a request over the server's limits, naming the field.
+
+    Raises:
+        ValidationFailedError: too many images or too many tokens asked for.
+    """
+    count = 0
+    for i, msg in enumerate(request.messages):
+        if not isinstance(msg.content, list):
+            continue
+        for j, part in enumerate(msg.content):
+            if isinstance(part, ImagePart):
+                count += 1
+                if count > limits.max_images_per_request:
+                    field = f"messages[{i}].content[{j}]"
+                    raise ValidationFailedError(
+                        f"{field}: the request holds more than "
+                        f"{limits.max_images_per_request} images "
+                        "(server.max_images_per_request); send fewer images per request",
+                        param=field)
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(request, name)
+        if value is not None and value > limits.max_tokens_limit:
+            raise ValidationFailedError(
+                f"{name}: {value} is over this server's limit of {limits.max_tokens_limit} "
+                "(server.max_tokens_limit); ask for fewer tokens", param=name)
