@@ -33,7 +33,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="show llama.cpp's log on stderr")
 
 
-def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings overrides (dotted keys) from the shared model and image flags."""
     return {
         "runtime.n_ctx": getattr(args, "n_ctx", None),
         "runtime.threads": getattr(args, "threads", None),
@@ -126,7 +127,7 @@ def _load(args: argparse.Namespace) -> Any:
     from edge_vlm.config import load_settings
     from edge_vlm.loader import load_model
 
-    settings = load_settings(_model_overrides(args))
+    settings = load_settings(model_overrides(args))
     loaded = load_model(args.model or settings.model.default, args.mmproj or settings.model.mmproj,
                         settings)
     return VLM(loaded, settings)
@@ -204,7 +205,7 @@ def _info(args: argparse.Namespace) -> int:
     from edge_vlm.loader import default_threads
     from edge_vlm.resolve import shipped_model_dir
 
-    overrides = _model_overrides(args)
+    overrides = model_overrides(args)
     settings = load_settings(overrides)
     origin = settings_origin(overrides)
     sysinfo = system_info()

@@ -105,11 +105,9 @@ def main(args: argparse.Namespace) -> int:
     if not prompts and not all(item.prompts for item in items):
         raise BatchInputError("no prompt: give --prompt TEXT (repeatable), --prompts-file FILE, "
                               "or a prompt column in a manifest")
-    settings = load_settings({
-        "runtime.n_ctx": args.n_ctx, "runtime.threads": args.threads, "runtime.gpu": args.gpu,
-        "runtime.flash_attn": args.flash_attn, "runtime.verbose": args.verbose,
-        "images.detail": args.detail,
-    })
+    from edge_vlm.cli import model_overrides
+
+    settings = load_settings(model_overrides(args))
 
     err = sys.stderr
     with ResultWriter.open(args.out, resume=args.resume, overwrite=args.overwrite) as writer:

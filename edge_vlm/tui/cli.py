@@ -23,12 +23,10 @@ def add_parser(subparsers: Any, add_model_flags: Callable[[argparse.ArgumentPars
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from edge_vlm.cli import model_overrides
+
     return {
-        "runtime.n_ctx": getattr(args, "n_ctx", None),
-        "runtime.threads": getattr(args, "threads", None),
-        "runtime.gpu": getattr(args, "gpu", None),
-        "runtime.flash_attn": getattr(args, "flash_attn", None),
-        "runtime.verbose": getattr(args, "verbose", None),
+        **model_overrides(args),
         "tui.system_prompt": getattr(args, "system", None),
         "sampling.temperature": getattr(args, "temperature", None),
         "sampling.max_tokens": getattr(args, "max_tokens", None),
