@@ -17,6 +17,7 @@ from pathlib import Path
 from edge_vlm.config import Settings
 from edge_vlm.engine import Engine
 from edge_vlm.errors import ModelMismatchError
+from edge_vlm.gguf.constants import TILING_PROJECTORS
 from edge_vlm.gguf.reader import GGUFInfo, read_gguf
 from edge_vlm.gguf.validate import (
     mmproj_output_width,
@@ -27,8 +28,6 @@ from edge_vlm.gguf.validate import (
 from edge_vlm.resolve import ModelRef, resolve_model
 from edge_vlm.template import ChatTemplate
 
-#: Projectors that cut big images into tiles plus an overview.
-TILING_PROJECTORS = {"idefics3", "llama4", "lfm2", "internvl", "minicpmv"}
 #: Longest side handed to the encoder when the mmproj gives no better figure.
 FALLBACK_MAX_SIDE = 2048
 
@@ -179,6 +178,19 @@ class LoadedModel:
         self.engine.cache.clear()
 
 
+def _check_pair(ref: ModelRef, settings: Settings) -> None:
+    """Before the in-process load: a one-time load of an unknown pair in a child process
+    (so a llama.cpp crash is reported, not suffered), and a warning when it won't fit."""
+    from edge_vlm.store.memory import memory_warning
+    from edge_vlm.store.probe import ensure_checked
+
+    if settings.store.check_load:
+        ensure_checked(ref.model, ref.mmproj, timeout=settings.store.check_load_timeout_s)
+    warning = memory_warning(ref.model, ref.mmproj, settings)
+    if warning:
+        warnings.warn(warning, stacklevel=3)
+
+
 def load_model(name: str | Path | None, mmproj: str | Path | None,
                settings: Settings) -> LoadedModel:
     """Resolve, validate and load a model pair.
@@ -192,6 +204,11 @@ def load_model(name: str | Path | None, mmproj: str | Path | None,
     rt = settings.runtime
     gpu = rt.gpu == "on" or (rt.gpu == "auto" and supports_gpu_offload())
     info = dataclasses.replace(inspect_pair(ref), gpu=gpu)
+    _check_pair(ref, settings)
+    images = settings.images
+    # The vision context made at load serves the default detail; others are made on use.
+    default_budget = info.image_token_budget(images.detail, images.max_image_tokens,
+                                             images.max_tiles)
     backend = Backend(BackendConfig(
         model_path=ref.model,
         mmproj_path=ref.mmproj,
@@ -202,6 +219,7 @@ def load_model(name: str | Path | None, mmproj: str | Path | None,
         mmproj_use_gpu=gpu and rt.mmproj_on_gpu,
         flash_attn=rt.flash_attn,
         verbose=rt.verbose,
+        image_max_tokens=default_budget,
     ))
     try:
         template = ChatTemplate(

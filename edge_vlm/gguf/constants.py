@@ -151,3 +151,7 @@ class FileType(IntEnum):
 
     ALL_F32 = 0
     MOSTLY_F16 = 1
+
+
+#: mmproj projector types whose preprocessing cuts large images into tiles plus an overview.
+TILING_PROJECTORS = frozenset({"idefics3", "llama4", "lfm2", "internvl", "minicpmv"})

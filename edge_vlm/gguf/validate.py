@@ -138,6 +138,21 @@ def validate_mmproj(info: GGUFInfo, path: str | os.PathLike[str] | None = None) 
     ):
         raise ModelLoadError(f"{where}: clip.vision.feature_layer must be an int32 array")
     n_feature_layers = len(feature_layers) if isinstance(feature_layers, list) else 0
+    # clip.cpp asserts (aborting the process) on these rather than returning an error.
+    width = info.get_int("clip.vision.embedding_length") or 0
+    heads = info.get_int("clip.vision.attention.head_count") or 0
+    if heads <= 0 or width % heads:
+        raise ModelLoadError(
+            f"{where}: clip.vision.attention.head_count {heads} does not divide the vision "
+            f"width {width}: the file is damaged or was written by a broken converter"
+        )
+    image_size = info.get_int("clip.vision.image_size") or 0
+    patch_size = info.get_int("clip.vision.patch_size") or 0
+    if patch_size <= 0 or image_size < patch_size:
+        raise ModelLoadError(
+            f"{where}: clip.vision.image_size {image_size} is smaller than the patch size "
+            f"{patch_size}: the file is damaged"
+        )
 
     needs = _PROJECTOR_TENSORS.get(proj)
     if needs is None:
