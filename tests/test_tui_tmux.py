@@ -46,6 +46,12 @@ class Tmux:
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what}; the screen was:\n{text}")
 
+    def pane_dead(self) -> bool:
+        """Whether the program in the pane has exited (the pane stays: remain-on-exit)."""
+        out = subprocess.run(["tmux", "-S", str(self.socket), "list-panes", "-t", "chat", "-F",
+                              "#{pane_dead}"], capture_output=True, text=True, check=False)
+        return out.returncode != 0 or out.stdout.strip() == "1"
+
     def alive(self) -> bool:
         return subprocess.run(["tmux", "-S", str(self.socket), "has-session", "-t", "chat"],
                               capture_output=True, check=False).returncode == 0
@@ -96,7 +102,7 @@ def test_edge_vlm_chat_answers_in_a_real_terminal(tmux, tmp_path, tiny_paths, im
     assert "What is this?" in screen
 
     tmux("send-keys", "-t", "chat", "C-q")
-    tmux.wait_for(lambda s: "Pane is dead" in s or not tmux.alive(), "the app to quit",
+    tmux.wait_for(lambda s: "Pane is dead" in s or tmux.pane_dead(), "the app to quit",
                   timeout=60)
     saved = list((home / "conversations").glob("*.json"))
     assert len(saved) == 1 and "What is this?" in saved[0].read_text()
