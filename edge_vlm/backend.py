@@ -14,7 +14,6 @@ import ctypes
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,27 @@ import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 import numpy.typing as npt
 
+from edge_vlm.chunks import (
+    BackendConfig,
+    Chunk,
+    ImageChunk,
+    RGBImage,
+    SamplerParams,
+    TextChunk,
+    next_tile,
+)
 from edge_vlm.errors import GenerationError, ModelLoadError
+
+__all__ = [
+    "Backend",
+    "BackendConfig",
+    "ImageChunk",
+    "PromptChunks",
+    "RGBImage",
+    "Sampler",
+    "SamplerParams",
+    "TextChunk",
+]
 
 # ---------------------------------------------------------------------------------------
 # Logging: quiet unless verbose. The callbacks must stay referenced for the process life.
@@ -57,59 +76,6 @@ def _init_once(verbose: bool) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BackendConfig:
-    """How to load a model pair (resolved from the settings by the engine)."""
-
-    model_path: Path
-    mmproj_path: Path
-    n_ctx: int | None
-    n_batch: int
-    threads: int
-    n_gpu_layers: int
-    mmproj_use_gpu: bool
-    flash_attn: str  # "auto" | "on" | "off"
-    verbose: bool = False
-    image_min_tokens: int = 0
-    image_max_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class TextChunk:
-    """Text tokens of a tokenized prompt."""
-
-    tokens: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ImageChunk:
-    """An image of a tokenized prompt: ``n_tokens`` embeddings at ``n_pos`` positions."""
-
-    index: int  # position among the native chunks
-    identity: str  # unique per tile: "<image identity>#<tile>"
-    image: str  # the image's identity (shared by its tiles)
-    tile: int  # 0 for an image's first (or only) chunk
-    n_tokens: int
-    n_pos: int
-    nx: int
-    ny: int
-
-
-Chunk = TextChunk | ImageChunk
-
-
-def _next_tile(items: list[Chunk], image: str) -> int:
-    """The tile number of the next image chunk of ``image`` (0 when a new image starts).
-
-    A tiled image's chunks are interleaved with text chunks (row markers) and follow each
-    other; a new image starts after a chunk of a different image or the first of the run.
-    """
-    for prev in reversed(items):
-        if isinstance(prev, ImageChunk):
-            return prev.tile + 1 if prev.image == image else 0
-    return 0
-
-
 class PromptChunks:
     """A tokenized prompt; owns libmtmd's native chunk list (call :meth:`close`)."""
 
@@ -141,31 +107,6 @@ class PromptChunks:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@dataclass(frozen=True)
-class SamplerParams:
-    """llama.cpp sampler chain parameters."""
-
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    repeat_penalty: float
-    frequency_penalty: float
-    presence_penalty: float
-    seed: int | None
-    grammar: str | None = None
-
-
-@dataclass(frozen=True)
-class RGBImage:
-    """Raw RGB pixels handed to libmtmd (decoded by Pillow, never by llama.cpp)."""
-
-    width: int
-    height: int
-    data: bytes
-    identity: str
 
 
 _FLASH = {
@@ -385,7 +326,7 @@ class Backend:
                     # Tiling projectors give every tile of an image the image's id: number
                     # them, so each tile has its own cache identity.
                     base = cid.decode() if cid else ""
-                    tile = _next_tile(items, base)
+                    tile = next_tile(items, base)
                     items.append(ImageChunk(
                         index=i,
                         identity=f"{base}#{tile}",
