@@ -105,6 +105,11 @@ class CacheSettings(BaseModel):
     """Keep the KV cache between requests and evaluate only the new suffix."""
     embedding_cache_mb: int = Field(default=256, ge=0)
     """In-memory LRU of vision-encoder outputs, in MiB (0: off)."""
+    disk_cache_mb: int = Field(default=0, ge=0)
+    """On-disk cache of vision-encoder outputs, in MiB (0: off). Entries are validated on
+    read; a corrupt one is discarded."""
+    disk_cache_dir: str | None = None
+    """Folder of the on-disk cache (None: ``embeddings`` in the platform cache dir)."""
 
 
 class ServerSettings(BaseModel):
@@ -225,6 +230,11 @@ class SettingsOrigin:
     config_file_exists: bool
     env_vars: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
+
+
+def cache_dir() -> Path:
+    """The platform cache directory (``~/.cache/edge-vlm`` on Linux)."""
+    return Path(platformdirs.user_cache_dir(APP_NAME))
 
 
 def config_dir() -> Path:

@@ -28,6 +28,7 @@ from edge_vlm.backend import (
     SamplerParams,
     TextChunk,
 )
+from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.embcache import EmbeddingCache
 from edge_vlm.errors import ContextOverflowError, GenerationError
 from edge_vlm.schema import FinishReason, GenerationStats, ImageStats
@@ -80,6 +81,7 @@ class Engine:
         mmproj_fingerprint: Identifies the mmproj file in embedding-cache keys.
         embedding_cache_bytes: Budget of the image-embedding LRU (0: off).
         prefix_reuse: Keep the KV cache between requests.
+        disk_cache: An optional second level under the memory cache.
     """
 
     def __init__(
@@ -89,10 +91,12 @@ class Engine:
         mmproj_fingerprint: str,
         embedding_cache_bytes: int,
         prefix_reuse: bool = True,
+        disk_cache: DiskEmbeddingCache | None = None,
     ) -> None:
         self.backend = backend
         self.lock = threading.Lock()
         self.cache = EmbeddingCache(embedding_cache_bytes)
+        self.disk_cache = disk_cache
         self.prefix_reuse = prefix_reuse
         self._fingerprint = mmproj_fingerprint
         self._kv: list[KVItem] = []
@@ -206,11 +210,21 @@ class Engine:
         cached = self.cache.get(key) if self.cache.max_bytes else None
         if cached is not None:
             return cached, 0.0, True
+        disk_key = "|".join(key)
+        shape = (ch.n_tokens, self.backend.n_embd)
+        if self.disk_cache is not None:
+            cached = self.disk_cache.get(disk_key, shape)
+            if cached is not None:
+                if self.cache.max_bytes:
+                    self.cache.put(key, cached)
+                return cached, 0.0, True
         t0 = time.perf_counter()
         embd = self.backend.encode_image(chunks, ch)
         ms = (time.perf_counter() - t0) * 1000.0
         if self.cache.max_bytes:
             self.cache.put(key, embd)
+        if self.disk_cache is not None:
+            self.disk_cache.put(disk_key, embd)
         return embd, ms, False
 
     # -- generation ------------------------------------------------------------------

@@ -14,7 +14,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_vlm.config import Settings
+from edge_vlm.config import Settings, cache_dir
+from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.engine import Engine
 from edge_vlm.errors import ModelMismatchError
 from edge_vlm.gguf.constants import TILING_PROJECTORS
@@ -178,6 +179,14 @@ class LoadedModel:
         self.engine.cache.clear()
 
 
+def _disk_cache(settings: Settings) -> DiskEmbeddingCache | None:
+    c = settings.cache
+    if not c.disk_cache_mb:
+        return None
+    folder = Path(c.disk_cache_dir).expanduser() if c.disk_cache_dir else cache_dir() / "embeddings"
+    return DiskEmbeddingCache(folder, c.disk_cache_mb * 1024 * 1024)
+
+
 def _check_pair(ref: ModelRef, settings: Settings) -> None:
     """Before the in-process load: a one-time load of an unknown pair in a child process
     (so a llama.cpp crash is reported, not suffered), and a warning when it won't fit."""
@@ -238,6 +247,7 @@ def load_model(name: str | Path | None, mmproj: str | Path | None,
             mmproj_fingerprint=file_fingerprint(ref.mmproj),
             embedding_cache_bytes=settings.cache.embedding_cache_mb * 1024 * 1024,
             prefix_reuse=settings.cache.prefix_reuse,
+            disk_cache=_disk_cache(settings),
         )
     except BaseException:
         backend.close()
