@@ -67,6 +67,23 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
+def note_load(meta: dict[str, Any], runs: list[Run], discarded: list[Run],
+              summary: dict[str, dict[str, dict[str, Any]]], limit: float) -> None:
+    """Record in ``meta`` which figures (if any) rest on measurements made under load."""
+    meta.pop("under_load", None)
+    meta.pop("load_note", None)
+    loaded = [r for r in runs if r.get("under_load")]
+    affected = [f"({sc}) {SYSTEM_NAMES[sy]}" for sc, row in summary.items()
+                for sy, fig in row.items() if fig.get("under_load")]
+    if affected:
+        meta["under_load"] = (f"other processes used more than {limit} CPUs during every "
+                              f"measurement of: {', '.join(affected)}")
+    if loaded or discarded:
+        meta["load_note"] = (f"{len(discarded)} measurement(s) made while other processes used "
+                             f"the CPUs were redone; {len(loaded)} kept, marked, and left out "
+                             "of the medians wherever a clean repetition exists")
+
+
 def _rep(runs: list[Run], rep: int, scenario: str, system: str) -> Run | None:
     for r in runs:
         if (r["rep"], r["scenario"], r["system"]) == (rep, scenario, system) \
@@ -207,7 +224,7 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], rat: dict[str, float
         f" model {m['cpu'].get('model')}), {m['cpu']['logical_cpus']} logical CPUs;"
         f" threads: {m['args']['threads']}",
         f"- llama-cpp-python {m['versions'].get('llama_cpp_python')}; "
-        f"llama-mtmd-cli: {m['cli'] or 'not built (column skipped)'}",
+        f"llama-mtmd-cli: {_short_path(m['cli']) or 'not built (column skipped)'}",
         f"- model: {model['file_bytes'] / 1e6:.1f} MB text ({_types(model)}), "
         f"mmproj {m['mmproj_bytes'] / 1e6:.1f} MB; "
         f"weights read per token {model['weight_bytes'] / 1e6:.1f} MB, "
@@ -218,8 +235,14 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], rat: dict[str, float
         f"- {m['args']['reps']} repetition(s), medians; systems interleaved; "
         f"max_tokens {m['args']['max_tokens']} greedy; each system in its own process",
     ]
+    if bw.get("remeasured"):
+        lines.append(f"- bandwidth re-measured {bw['remeasured']}")
+    if m.get("note"):
+        lines.append(f"- note: {m['note']}")
     if m.get("under_load"):
         lines.append(f"- **measured under load**: {m['under_load']}")
+    if m.get("load_note"):
+        lines.append(f"- {m['load_note']}")
     lines += [
         "",
         "Times in seconds. TTFT = request to first generated token (images unread at the "
@@ -278,6 +301,16 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], rat: dict[str, float
         lines.append(f"| {t['target']}{note} | {_f(t['value'], '{:.3f}')} | {op} {t['goal']:.3g} "
                      f"| {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _short_path(path: str | None) -> str | None:
+    """A path relative to the repository when it is inside it."""
+    if not path:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return path
 
 
 def _pct(frac: float | None) -> str:

@@ -137,6 +137,8 @@ def render(json_path: Path) -> int:
     result = json.loads(json_path.read_text())
     runs = result["runs"]
     result["summary"] = report.summarize(runs)
+    report.note_load(result["meta"], runs, result.get("discarded_under_load", []),
+                     result["summary"], OTHERS_LIMIT)
     result["ratios"] = report.ratios(runs)
     result["targets"] = report.targets(result["summary"], result["ratios"], result["meta"])
     files = write_results(result, json_path.parent, json_path.stem)
@@ -278,16 +280,13 @@ def main(argv: list[str] | None = None) -> int:
                     if args.wait_idle:
                         wait_idle(args.wait_idle)
                 runs.append(r)
-    loaded = [r for r in runs if r.get("under_load")]
-    if loaded:
-        meta["under_load"] = (f"{len(loaded)} of {len(runs)} measurements ran while other "
-                              f"processes used more than {OTHERS_LIMIT} CPUs")
     meta["load_avg_end"] = sysinfo.load_average()
     meta["suite_s"] = time.perf_counter() - t_suite
     meta["batch_via"] = {r["system"]: r["requests"]["main"].get("via") for r in runs
                          if r["scenario"] == "batch" and not r.get("error")}
 
     summary = report.summarize(runs)
+    report.note_load(meta, runs, discarded, summary, OTHERS_LIMIT)
     rat = report.ratios(runs)
     tgt = report.targets(summary, rat, meta)
     result = {"meta": meta, "summary": summary, "ratios": rat, "targets": tgt, "runs": runs,
