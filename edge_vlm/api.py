@@ -12,6 +12,7 @@ with edge_vlm.load("default") as vlm:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -303,6 +304,12 @@ class VLM:
     def max_side(self, detail: str) -> int:
         """The longest image side worth handing to the vision encoder."""
         side = self.info.max_image_side(detail)
+        s = self.settings.images
+        budget = self.info.image_token_budget(detail, s.max_image_tokens, s.max_tiles)
+        if budget and self.info.tokens_per_tile and self.info.image_size:
+            # A token budget caps the pixels libmtmd keeps: decode no larger than that.
+            tiles_per_side = math.ceil(math.sqrt(budget / self.info.tokens_per_tile))
+            side = min(side, self.info.image_size * tiles_per_side)
         if self.settings.images.max_side:
             side = min(side, self.settings.images.max_side)
         return side

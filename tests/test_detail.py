@@ -95,3 +95,10 @@ def test_budget_tokens_follow_max_tiles(photo, tiling_vlm):
     assert info.image_token_budget("auto", None, 4) == 16
     assert info.image_token_budget("auto", 40, 4) == 16
     assert info.image_token_budget("high", 40, 4) == 0
+
+
+def test_a_one_tile_budget_decodes_the_image_small(tiling_vlm, photo):
+    auto = ask_detail(tiling_vlm, photo, "auto")
+    high = ask_detail(tiling_vlm, photo, "high")
+    assert max(auto.images[0].width, auto.images[0].height) <= 64  # one 64-px tile
+    assert max(high.images[0].width, high.images[0].height) == 256  # the preproc edge
