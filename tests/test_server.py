@@ -246,7 +246,8 @@ def test_one_log_line_per_request(srv: Running, images: dict[str, Path],
     assert len(lines()) == 1
     line = lines()[0]
     for part in (f"POST {path} 200", f"model={name}", "completion_tokens=3",
-                 "prompt_tokens=", "ttft=", "total=", "cache=miss"):
+                 "prompt_tokens=", "ttft=", "total=", "cache=miss",
+                 "images=auto/1t/"):  # the image's detail, tiles and tokens
         assert part in line, line
 
 

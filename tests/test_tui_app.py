@@ -327,6 +327,28 @@ async def test_settings_change_temperature_max_tokens_and_system_prompt(tmp_path
         assert app.chat.prompt.text == "/temperature 9"
 
 
+async def test_image_detail_from_the_flag_and_the_settings_reaches_the_model(
+        tmp_path, tiny_paths, images):
+    app = make_app(tmp_path, tiny_loader(tiny_paths), settings={"images__detail": "high"})
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        assert "detail high" in str(app.chat.status.render())
+        await pilot.press("f2")
+        await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen), what="settings")
+        app.screen.query_one("#detail").value = "low"  # type: ignore[attr-defined]
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen),
+                         what="closed")
+        assert "detail low" in str(app.chat.status.render())
+        await attach(pilot, app, images["red"])
+        answer = await ask(pilot, app, "What is this?")
+        # the real runtime encoded it at low detail, and the answer's stats line says so
+        assert "(low, 1 tile, " in str(answer.query_one(".meta").render())
+        saved = ConversationStore(tmp_path / "convs").load(app.chat.conversation.id)
+        part = saved.turns[0].message.content[0]
+        assert part.image_url.detail == "low"  # type: ignore[union-attr]
+
+
 async def test_model_switch_from_inside_the_app(tmp_path, tiny_paths):
     loaded: list[tuple[Any, Any]] = []
     models: list[ScriptedModel] = []

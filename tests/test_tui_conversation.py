@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from edge_vlm.errors import ImageError
-from edge_vlm.schema import GenerationStats, ImagePart, parse_messages
+from edge_vlm.schema import GenerationStats, ImagePart, ImageStats, parse_messages
 from edge_vlm.tui.attachments import probe_bytes, probe_file
 from edge_vlm.tui.clipboard import ClipboardError, read_image
 from edge_vlm.tui.commands import COMMANDS, parse_command, unescape_message
@@ -348,4 +348,13 @@ def test_stats_line():
                             context_used=412, n_ctx=4096,
                             images=[{"identity": "x", "width": 1, "height": 1,
                                      "cache_hit": True}])
-    assert format_stats(stats) == "ttft 120 ms · image 35 ms (cached) · 24.1 tok/s · ctx 412/4096"
+    assert format_stats(stats) == (
+        "ttft 120 ms · image 35 ms (auto, 1 tile, 0 tok, cached) · 24.1 tok/s · ctx 412/4096")
+    two = stats.model_copy(update={"images": [
+        ImageStats(identity="a", width=1, height=1, detail="low", tiles=1, tokens=64),
+        ImageStats(identity="b", width=1, height=1, detail="high", tiles=5, tokens=320,
+                   cache_hit=True)]})
+    assert "image 35 ms (2 images, 384 tok, 1/2 cached)" in format_stats(two)
+    one = stats.model_copy(update={"images": [
+        ImageStats(identity="a", width=1, height=1, detail="high", tiles=5, tokens=320)]})
+    assert "image 35 ms (high, 5 tiles, 320 tok)" in format_stats(one)

@@ -55,16 +55,20 @@ class RequestRecord:
     error: str | None = None
 
     def line(self) -> str:
-        """The log line: method, path, status, model, tokens, TTFT, total time, cache."""
+        """The log line: method, path, status, model, tokens, images, TTFT, time, cache."""
         o = self.outcome
 
         def num(v: float | None, unit: str = "") -> str:
             return "-" if v is None else f"{v:.0f}{unit}"
 
+        # Each image as detail/tiles/tokens (``images=low/1t/64tok``): what it cost.
+        images = ",".join(f"{im.detail}/{im.tiles}t/{im.tokens}tok"
+                          for im in (o.timings.images if o.timings else []))
         return (f"{self.method} {self.path} {self.status} model={o.model} "
                 f"prompt_tokens={num(o.prompt_tokens)} "
                 f"completion_tokens={num(o.completion_tokens)} "
-                f"ttft={num(o.ttft_ms, 'ms')} total={self.total_ms:.0f}ms cache={o.cache}"
+                + (f"images={images} " if images else "")
+                + f"ttft={num(o.ttft_ms, 'ms')} total={self.total_ms:.0f}ms cache={o.cache}"
                 + (f" finish={o.finish_reason}" if o.finish_reason else "")
                 + (f" error={self.error!r}" if self.error else ""))
 

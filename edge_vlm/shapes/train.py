@@ -222,6 +222,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--joint-batch", type=int, default=32)
     p.add_argument("--joint-lr", type=float, default=2e-4)
     p.add_argument("--joint-aux", type=float, default=0.3, help="weight of the dense vision losses")
+    p.add_argument(
+        "--curriculum",
+        type=float,
+        default=0.4,
+        help="fraction of the vision phase that favours scenes of large shapes (annealed)",
+    )
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bfloat16 autocast for the vision encoder (fp32 master weights)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--v-layer", type=int, default=4)
@@ -245,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     bank = load_bank(args.out, args.bank, args.seed, c)
     N = len(bank.scenes)
     n_img = c.n_patches
+    # The smallest shape of each scene: the vision curriculum shows big shapes first (a ViT
+    # learns shape identity on large objects much sooner, then transfers it to small ones).
+    min_size = np.array([min(sh.size for sh in sc.shapes) for sc in bank.scenes])
     t0 = time.time()
 
     for ph in PHASES[PHASES.index(phase) :]:
@@ -297,8 +312,14 @@ def main(argv: list[str] | None = None) -> None:
             rs = random.Random(f"{args.seed}-{ph}-{step}")
             nrng = np.random.default_rng([args.seed, PHASES.index(ph), step])
             idx = nrng.integers(0, n_lm if ph == "lm" else N, bs)
+            warm = args.curriculum * total
+            if ph == "vision" and step < warm:
+                k = 12.0 * (1 - step / warm)
+                w = np.exp(k * min_size)
+                idx = nrng.choice(N, bs, p=w / w.sum())
             if ph == "vision":
-                feats = model.vision(to_pixels(augment(nrng, bank.images[idx])))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                    feats = model.vision(to_pixels(augment(nrng, bank.images[idx]))).float()
                 loss, acc = vision_loss(model, feats, bank_labels(bank, idx))
                 for k, v in acc.items():
                     log[k] = log.get(k, 0.0) + v
@@ -307,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
                 if ph == "lm":
                     feats = feats_cache[idx].float()  # type: ignore[index]
                 else:
-                    feats = model.vision(to_pixels(augment(nrng, bank.images[idx])))
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                        feats = model.vision(to_pixels(augment(nrng, bank.images[idx]))).float()
                 logits = model(tok, feats, starts)
                 loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
                 if ph == "joint":

@@ -19,6 +19,8 @@ def add_parser(subparsers: Any, add_model_flags: Callable[[argparse.ArgumentPars
     p.add_argument("--system", help="system prompt (default: tui.system_prompt)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default from settings)")
     p.add_argument("--max-tokens", type=int, help="longest answer (default from settings)")
+    p.add_argument("--detail", choices=["auto", "low", "high"],
+                   help="image detail (default: images.detail); F2 changes it in the app")
     add_model_flags(p)
 
 
@@ -30,6 +32,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "tui.system_prompt": getattr(args, "system", None),
         "sampling.temperature": getattr(args, "temperature", None),
         "sampling.max_tokens": getattr(args, "max_tokens", None),
+        "images.detail": getattr(args, "detail", None),
     }
 
 

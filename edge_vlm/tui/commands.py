@@ -52,7 +52,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("temperature", "T", "0 to 2; 0 is greedy", ("temp",)),
     CommandSpec("max-tokens", "N", "longest answer, in tokens"),
     CommandSpec("model", "NAME [MMPROJ]", "load a model (a name or GGUF path)"),
-    CommandSpec("settings", "", "model, system prompt, temperature, tokens"),
+    CommandSpec("settings", "", "model, system prompt, temperature, tokens, detail"),
     CommandSpec("stop", "", "stop the answer (Esc)"),
     CommandSpec("help", "", "keys and commands (F1)"),
     CommandSpec("quit", "", "leave (Ctrl+Q)"),

@@ -34,7 +34,14 @@ from pydantic import ValidationError
 
 from edge_vlm.config import data_dir
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.schema import ChatMessage, GenerationStats, ImagePart, ImageURL, TextPart
+from edge_vlm.schema import (
+    ChatMessage,
+    Detail,
+    GenerationStats,
+    ImagePart,
+    ImageURL,
+    TextPart,
+)
 from edge_vlm.tui.attachments import PendingImage, human_size
 from edge_vlm.tui.safetext import one_line
 
@@ -166,10 +173,15 @@ class Conversation:
         return "New conversation"
 
     def add_user(self, text: str, attachments: list[Attachment], image_path: Callable[
-            [Attachment], Path]) -> Turn:
-        """Append a user message: its images first (in order), then the text."""
+            [Attachment], Path], *, detail: Detail | None = None) -> Turn:
+        """Append a user message: its images first (in order), then the text.
+
+        ``detail`` is written into each image part, so a saved conversation replays with
+        the detail its images were asked with.
+        """
         parts: list[ImagePart | TextPart] = [
-            ImagePart(image_url=ImageURL(url=str(image_path(a)))) for a in attachments]
+            ImagePart(image_url=ImageURL(url=str(image_path(a)), detail=detail))
+            for a in attachments]
         if text or not parts:
             parts.append(TextPart(text=text))
         turn = Turn(ChatMessage(role="user", content=list(parts)), list(attachments))

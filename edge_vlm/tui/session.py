@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 from edge_vlm.config import Settings
-from edge_vlm.schema import ChatCompletionChunk, ChatMessage, GenerationStats
+from edge_vlm.schema import ChatCompletionChunk, ChatMessage, Detail, GenerationStats
 
 
 class ChatModel(Protocol):
@@ -51,6 +51,8 @@ class ChatOptions:
     """System prompt for the current conversation (empty: none)."""
     temperature: float
     max_tokens: int
+    detail: Detail = "auto"
+    """Detail of the images attached from now on (``image_url.detail``)."""
 
     @classmethod
     def from_settings(cls, settings: Settings, *, model: str | None = None,
@@ -59,7 +61,8 @@ class ChatOptions:
                    mmproj=mmproj if mmproj is not None else settings.model.mmproj,
                    system=settings.tui.system_prompt,
                    temperature=settings.sampling.temperature,
-                   max_tokens=settings.sampling.max_tokens)
+                   max_tokens=settings.sampling.max_tokens,
+                   detail=settings.images.detail)
 
     def with_changes(self, **changes: Any) -> ChatOptions:
         return replace(self, **changes)
@@ -118,16 +121,26 @@ def stream_answer(
 
 
 def format_stats(stats: GenerationStats) -> str:
-    """One short line: ``ttft 120 ms · image 35 ms · 24.1 tok/s · ctx 412/4096``."""
+    """One short line of an answer's stats.
+
+    ``ttft 120 ms · image 35 ms (low, 1 tile, 64 tok) · 24.1 tok/s · ctx 412/4096``: the image
+    part names the detail, tiles and image tokens of a single image; several
+    images show their count and total tokens.
+    """
     parts = [f"ttft {stats.ttft_ms:.0f} ms"]
     if stats.images:
         cached = sum(1 for im in stats.images if im.cache_hit)
-        image = f"image {stats.image_encode_ms:.0f} ms"
+        if len(stats.images) == 1:
+            im = stats.images[0]
+            what = [im.detail, f"{im.tiles} tile" + ("s" if im.tiles != 1 else "")]
+        else:
+            what = [f"{len(stats.images)} images"]
+        what.append(f"{sum(im.tokens for im in stats.images)} tok")
         if cached == len(stats.images):
-            image += " (cached)"
+            what.append("cached")
         elif cached:
-            image += f" ({cached}/{len(stats.images)} cached)"
-        parts.append(image)
+            what.append(f"{cached}/{len(stats.images)} cached")
+        parts.append(f"image {stats.image_encode_ms:.0f} ms ({', '.join(what)})")
     tps = stats.decode_tps
     parts.append(f"{tps:.0f} tok/s" if tps >= 100 else f"{tps:.1f} tok/s")
     parts.append(f"ctx {stats.context_used}/{stats.n_ctx}")

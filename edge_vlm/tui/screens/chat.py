@@ -182,7 +182,8 @@ class ChatScreen(Screen[None]):
             status.state = state
         loaded = self.model is not None and status.state != "loading"
         status.model = self.model.name if loaded and self.model else self._model_label()
-        status.detail = f"temp {self.options.temperature:g} · max {self.options.max_tokens} tok"
+        o = self.options
+        status.detail = f"temp {o.temperature:g} · max {o.max_tokens} tok · detail {o.detail}"
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "stop":
@@ -261,7 +262,8 @@ class ChatScreen(Screen[None]):
         except ConversationError as err:
             self.notify(err.message, severity="error", markup=False)
             return
-        self.conversation.add_user(text, stored, self.store.image_path)
+        self.conversation.add_user(text, stored, self.store.image_path,
+                                   detail=self.options.detail)
         self._save()
         self.prompt.clear()
         await self.attachments.clear()
@@ -470,7 +472,7 @@ class ChatScreen(Screen[None]):
 
     @work(exclusive=True, group="settings")
     async def action_settings(self) -> None:
-        """Ctrl+S: change model, system prompt, temperature, max tokens."""
+        """Ctrl+S: change model, system prompt, temperature, max tokens, image detail."""
         from edge_vlm.tui.screens.settings import SettingsScreen
         from edge_vlm.tui.session import installed_models
 

@@ -1,4 +1,4 @@
-"""Ctrl+S / F2: model, system prompt, temperature and max tokens; returns new options."""
+"""Ctrl+S / F2: model, system prompt, temperature, max tokens, image detail; returns options."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
-from textual.widgets import Button, Input, Label, Static, TextArea
+from textual.widgets import Button, Input, Label, Select, Static, TextArea
 
 from edge_vlm.tui.session import ChatOptions
 
@@ -35,6 +35,14 @@ def parse_max_tokens(text: str) -> int:
     if value < 1:
         raise ValueError(f"max tokens must be at least 1, got {value}")
     return value
+
+
+DETAIL_CHOICES = [
+    ("auto: within the image-token budget", "auto"),
+    ("low: one tile, fastest", "low"),
+    ("high: every tile the model allows", "high"),
+]
+"""``image_url.detail`` of the images attached from now on."""
 
 
 class SettingsScreen(ModalScreen[ChatOptions | None]):
@@ -75,6 +83,10 @@ class SettingsScreen(ModalScreen[ChatOptions | None]):
             with Horizontal(classes="field"):
                 yield Label("Max tokens")
                 yield Input(str(o.max_tokens), id="max-tokens", compact=True, type="integer")
+            with Horizontal(classes="field"):
+                yield Label("Image detail")
+                yield Select(DETAIL_CHOICES, value=o.detail, allow_blank=False, id="detail",
+                             compact=True)
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save", compact=True)
                 yield Button("Cancel", id="cancel", compact=True)
@@ -91,9 +103,11 @@ class SettingsScreen(ModalScreen[ChatOptions | None]):
             return
         model = self.query_one("#model", Input).value.strip() or "default"
         mmproj = self.query_one("#mmproj", Input).value.strip() or None
+        detail = self.query_one("#detail", Select).value
         self.dismiss(self._options.with_changes(
             model=model, mmproj=mmproj, system=self.query_one("#system", TextArea).text,
-            temperature=temperature, max_tokens=max_tokens))
+            temperature=temperature, max_tokens=max_tokens,
+            detail=detail if detail in ("auto", "low", "high") else self._options.detail))
 
     @on(Button.Pressed, "#save")
     def _save(self) -> None:
