@@ -294,6 +294,7 @@ class Engine:
         sampler = backend.new_sampler(params.sampler)
         t_first: float | None = None
         reason: FinishReason = "length"
+        started = False
         try:
             for _ in range(params.max_tokens):
                 if cancel is not None and cancel.is_set():
@@ -307,7 +308,13 @@ class Engine:
                     reason = "stop"
                     break
                 stats.completion_tokens += 1
-                out = stop.feed(backend.token_piece(tok))
+                piece = backend.token_piece(tok)
+                if not started:
+                    # SentencePiece vocabularies spell the answer's first word with a word
+                    # boundary ("▁A" → " A"); an answer does not start with a space.
+                    piece = piece.lstrip(b" ")
+                    started = bool(piece)
+                out = stop.feed(piece)
                 if out:
                     yield Event(out)
                 if stop.stopped:

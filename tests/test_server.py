@@ -276,7 +276,6 @@ def shipped() -> Iterator[tuple[Running, Any]]:
 
 
 @needs_shipped
-@below_accuracy_bar
 def test_shipped_model_answers_the_seed_snippet_correctly(shipped: tuple[Running, Any],
                                                           tmp_path: Path) -> None:
     from edge_vlm.shapes import world

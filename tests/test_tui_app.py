@@ -101,7 +101,7 @@ async def test_follow_up_sends_the_whole_conversation_and_reuses_the_image(
         assert turns[3].stats is not None
         assert turns[3].stats.prompt_tokens_reused > 0  # the KV prefix was kept
         assert all(im.cache_hit for im in turns[3].stats.images)
-        assert "(cached)" in str(second.query_one(".meta").render())
+        assert "16 tok, cached)" in str(second.query_one(".meta").render())
 
 
 async def test_escape_stops_the_answer_and_the_app_stays_usable(tmp_path, tiny_paths, images):

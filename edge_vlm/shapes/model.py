@@ -235,7 +235,7 @@ class ShapesVLM(nn.Module):
         proj = self.proj(img_feats)
         n = proj.shape[1]
         idx = img_pos[:, None] + torch.arange(n, device=tokens.device)[None, :]
-        return h.scatter(1, idx[..., None].expand(-1, -1, h.shape[2]), proj)
+        return h.scatter(1, idx[..., None].expand(-1, -1, h.shape[2]), proj.to(h.dtype))
 
     def forward(
         self, tokens: torch.Tensor, img_feats: torch.Tensor, img_pos: torch.Tensor

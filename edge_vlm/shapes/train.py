@@ -32,7 +32,19 @@ from edge_vlm.shapes import vocab as V
 from edge_vlm.shapes import world as W
 from edge_vlm.shapes.model import Config, ShapesVLM, init_weights
 
-PHASES = ("vision", "lm", "joint")
+PHASES = ("vision", "lm", "joint", "tune")
+# ``tune``: the lm phase again (frozen ViT) on the questions that look a named shape up.
+# Their one-word answers ("Yes." / "No.") are a tiny share of the answer tokens, so the
+# lm phase learns to describe long before it learns to check whether a shape is there.
+TUNE_WEIGHTS = {
+    "shape": 0.3,
+    "shapes": 0.3,
+    "color": 3.0,
+    "count": 0.3,
+    "where": 3.0,
+    "is_there": 4.0,
+    "describe": 0.3,
+}
 QTYPE_WEIGHTS = {
     "shape": 1.0,
     "shapes": 1.5,
@@ -129,10 +141,12 @@ def bank_labels(bank: D.Bank, idx: np.ndarray) -> dict[str, torch.Tensor]:
 # Phase: lm
 
 
-def sample_conversation(rng: random.Random, scene: W.Scene, turns: int) -> list[dict]:
+def sample_conversation(
+    rng: random.Random, scene: W.Scene, turns: int, qweights: dict[str, float] | None = None
+) -> list[dict]:
     system = rng.choice(W.SYSTEM_PROMPTS) if rng.random() < 0.2 else None
     types = [t for t in W.QUESTION_TYPES if t != "shape" or len(scene.shapes) == 1]
-    weights = [QTYPE_WEIGHTS[t] for t in types]
+    weights = [(qweights or QTYPE_WEIGHTS)[t] for t in types]
     qtypes = rng.choices(types, weights=weights, k=turns)
     msgs, _ = W.conversation(
         rng,
@@ -147,13 +161,17 @@ def sample_conversation(rng: random.Random, scene: W.Scene, turns: int) -> list[
 
 
 def lm_batch(
-    rng: random.Random, bank: D.Bank, idx: np.ndarray, n_img: int
+    rng: random.Random,
+    bank: D.Bank,
+    idx: np.ndarray,
+    n_img: int,
+    qweights: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     seqs, masks, starts = [], [], []
     turns = rng.choices((1, 2, 3, 4), weights=(2, 2, 3, 3))[0]  # one count per batch: less padding
     for i in idx:
         ids, mask, st = D.encode_conversation(
-            sample_conversation(rng, bank.scenes[i], turns), n_img
+            sample_conversation(rng, bank.scenes[i], turns, qweights), n_img
         )
         seqs.append(ids)
         masks.append(mask)
@@ -232,8 +250,10 @@ def main(argv: list[str] | None = None) -> None:
         "--bf16",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="bfloat16 autocast for the vision encoder (fp32 master weights)",
+        help="bfloat16 autocast for the forward passes (fp32 master weights and losses)",
     )
+    p.add_argument("--tune-steps", type=int, default=0)
+    p.add_argument("--tune-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--v-layer", type=int, default=4)
@@ -263,7 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
 
     for ph in PHASES[PHASES.index(phase) :]:
-        total = {"vision": args.vision_steps, "lm": args.lm_steps, "joint": args.joint_steps}[ph]
+        total = {
+            "vision": args.vision_steps,
+            "lm": args.lm_steps,
+            "joint": args.joint_steps,
+            "tune": args.tune_steps,
+        }[ph]
         if ph != phase:
             step = 0
             ck = None
@@ -272,9 +297,10 @@ def main(argv: list[str] | None = None) -> None:
         if ph == "vision":
             params = list(model.vision.parameters()) + list(model.heads.parameters())
             peak, bs = args.vision_lr, args.vision_batch
-        elif ph == "lm":
+        elif ph in ("lm", "tune"):
             params = list(model.proj.parameters()) + list(model.text.parameters())
-            peak, bs = args.lm_lr, args.lm_batch
+            peak = args.lm_lr if ph == "lm" else args.tune_lr
+            bs = args.lm_batch
         else:
             params = list(model.parameters())
             peak, bs = args.joint_lr, args.joint_batch
@@ -289,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         if ck is not None and ck.get("opt") and ck["phase"] == ph:
             opt.load_state_dict(ck["opt"])
         feats_cache = None
-        if ph == "lm":
+        if ph in ("lm", "tune"):
             model.vision.eval()
             t = time.time()
             n_lm = min(N, args.lm_images or N)
@@ -311,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
                 g["lr"] = lr * g["scale"]
             rs = random.Random(f"{args.seed}-{ph}-{step}")
             nrng = np.random.default_rng([args.seed, PHASES.index(ph), step])
-            idx = nrng.integers(0, n_lm if ph == "lm" else N, bs)
+            idx = nrng.integers(0, n_lm if ph in ("lm", "tune") else N, bs)
             warm = args.curriculum * total
             if ph == "vision" and step < warm:
                 k = 12.0 * (1 - step / warm)
@@ -324,13 +350,16 @@ def main(argv: list[str] | None = None) -> None:
                 for k, v in acc.items():
                     log[k] = log.get(k, 0.0) + v
             else:
-                tok, tgt, starts = lm_batch(rs, bank, idx, n_img)
-                if ph == "lm":
+                tok, tgt, starts = lm_batch(
+                    rs, bank, idx, n_img, TUNE_WEIGHTS if ph == "tune" else None
+                )
+                if ph in ("lm", "tune"):
                     feats = feats_cache[idx].float()  # type: ignore[index]
                 else:
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                         feats = model.vision(to_pixels(augment(nrng, bank.images[idx]))).float()
-                logits = model(tok, feats, starts)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                    logits = model(tok, feats, starts).float()
                 loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
                 if ph == "joint":
                     vloss, acc = vision_loss(model, feats, bank_labels(bank, idx))
@@ -362,14 +391,8 @@ def main(argv: list[str] | None = None) -> None:
             if step % args.ckpt_every == 0 or step == total:
                 save(last, model, opt, ph, step, args)
         save(args.out / f"{ph}.pt", model, None, ph, step, args)
-        save(
-            last,
-            model,
-            None,
-            PHASES[min(len(PHASES) - 1, PHASES.index(ph) + 1)] if ph != "joint" else ph,
-            0 if ph != "joint" else step,
-            args,
-        )
+        nxt = PHASES[PHASES.index(ph) + 1] if ph != PHASES[-1] else ph
+        save(last, model, None, nxt, 0 if nxt != ph else step, args)
         phase = ph
     print(f"done in {time.time() - t0:.0f} s", flush=True)
 

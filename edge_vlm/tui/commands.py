@@ -25,7 +25,7 @@ KEYS: tuple[KeyHelp, ...] = (
     KeyHelp("Ctrl+Up, Ctrl+Down", "scroll the conversation"),
     KeyHelp("Ctrl+N", "new conversation"),
     KeyHelp("Ctrl+R", "history: reopen, delete, export"),
-    KeyHelp("Ctrl+S, F2", "model, system prompt, temperature, tokens"),
+    KeyHelp("Ctrl+S, F2", "model, system prompt, temperature, tokens, detail"),
     KeyHelp("F1", "this help"),
     KeyHelp("Ctrl+P", "command palette"),
     KeyHelp("Ctrl+Q", "quit"),
