@@ -20,7 +20,10 @@ from edge_vlm.schema import (
     GenerationStats,
     ImageStats,
 )
+from edge_vlm.tui.app import ChatApp
+from edge_vlm.tui.conversation import ConversationStore
 from edge_vlm.tui.session import ChatModel, default_loader
+from edge_vlm.tui.widgets.transcript import AnswerMessage
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -114,3 +117,39 @@ def scripted_loader(model: ScriptedModel) -> Callable[[str | None, str | None, S
     def load(name: str | None, mmproj: str | None, settings: Settings) -> ChatModel:
         return model
     return load
+
+
+# --- driving the app ---------------------------------------------------------------
+
+SIZE = (80, 24)
+"""Terminal size of the app tests."""
+
+
+def make_app(tmp_path: Path, loader: Any, **kw: Any) -> ChatApp:
+    settings = make_settings(tmp_path, **kw.pop("settings", {}))
+    return ChatApp(settings, loader=loader, store=ConversationStore(tmp_path / "convs"),
+                   cwd=kw.pop("cwd", tmp_path), **kw)
+
+
+def notices(app: ChatApp) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+async def ready(pilot: Any, app: ChatApp) -> None:
+    await wait_until(pilot, lambda: app.chat.model is not None, what="the model to load")
+
+
+async def ask(pilot: Any, app: ChatApp, text: str) -> AnswerMessage:
+    """Type a message, press Enter, wait for the whole answer."""
+    app.chat.prompt.text = text
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: not app.chat.generating, what="the answer")
+    return list(app.query(AnswerMessage))[-1]
+
+
+async def attach(pilot: Any, app: ChatApp, path: Path | str) -> None:
+    before = len(app.chat.attachments.images)
+    app.chat.prompt.text = f"/image {path}"
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: len(app.chat.attachments.images) > before,
+                     what="the image to attach")
