@@ -143,7 +143,7 @@ class EdgeClient:
             "image_tokens": stats.image_tokens,
             "tokens_reused": stats.prompt_tokens_reused,
             "cache_hits": stats.embedding_cache_hits,
-            "passes": sum(im.tiles for im in stats.images),
+            "passes": sum(im.encoded for im in stats.images),
             "internal_ttft_ms": stats.ttft_ms,
             "internal_decode_tps": stats.decode_tps,
         }

@@ -21,6 +21,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
 from edge_vlm.backend import RGBImage, SamplerParams
 from edge_vlm.config import Settings, load_settings
@@ -220,7 +221,7 @@ class VLM:
         images = self.load_images(request.messages, policy)
         text = self.render(request.messages)
         params = self._params(request)
-        params.max_image_tokens = self.image_budget(images)
+        params.max_image_tokens = self.image_budget([im.detail for im in images])
         cid, created = new_completion_id(), now()
         events = self.engine.generate(text, images, params, cancel=cancel, t_start=t_start)
         return self._chunks(request, events, cid, created)
@@ -291,12 +292,12 @@ class VLM:
             max_pixels=s.max_pixels,
         )
 
-    def image_budget(self, images: list[PromptImage]) -> int:
-        """The request's image-token budget: the highest detail any of its images asks for
-        (libmtmd preprocesses all images of a prompt alike)."""
+    def image_budget(self, details: Sequence[str]) -> int:
+        """The request's image-token budget for its images' detail levels: the highest
+        detail any of them asks for (libmtmd preprocesses all images of a prompt alike)."""
         s = self.settings.images
-        budgets = [self.info.image_token_budget(im.detail, s.max_image_tokens, s.max_tiles)
-                   for im in images]
+        budgets = [self.info.image_token_budget(d, s.max_image_tokens, s.max_tiles)
+                   for d in details]
         if not budgets:
             return 0
         return 0 if 0 in budgets else max(budgets)
@@ -319,20 +320,24 @@ class VLM:
     ) -> list[PromptImage]:
         """Read, decode and downscale every image of a conversation, in order."""
         policy = policy or self.image_policy()
+        parts = [(f"messages[{i}].content[{j}].image_url.url", part.image_url.url,
+                  part.image_url.detail or self.settings.images.detail)
+                 for i, msg in enumerate(messages) if isinstance(msg.content, list)
+                 for j, part in enumerate(msg.content) if isinstance(part, ImagePart)]
+        square = self.info.one_tile_side(self.image_budget([d for _, _, d in parts]))
         out: list[PromptImage] = []
-        for i, msg in enumerate(messages):
-            if not isinstance(msg.content, list):
-                continue
-            for j, part in enumerate(msg.content):
-                if not isinstance(part, ImagePart):
-                    continue
-                detail = part.image_url.detail or self.settings.images.detail
-                field = f"messages[{i}].content[{j}].image_url.url"
-                img = load_image(part.image_url.url, policy, max_side=self.max_side(detail),
-                                 field=field)
-                rgb = RGBImage(img.width, img.height, img.rgb_bytes(),
-                               f"{img.identity}:{detail}")
-                out.append(PromptImage(rgb=rgb, detail=detail, decode_ms=img.decode_ms))
+        for field, url, detail in parts:
+            img = load_image(url, policy, max_side=self.max_side(detail), field=field)
+            t0 = time.perf_counter()
+            pixels, identity = img.image, f"{img.identity}:{detail}"
+            if square and pixels.size != (square, square):
+                # Stretched, as libmtmd stretches the overview: then the overview and the
+                # only slice are one picture, encoded once (see ModelInfo.one_tile_side).
+                pixels = pixels.resize((square, square), Image.Resampling.BICUBIC)
+                identity += f":sq{square}"
+            ms = img.decode_ms + (time.perf_counter() - t0) * 1000.0
+            rgb = RGBImage(pixels.width, pixels.height, pixels.tobytes(), identity)
+            out.append(PromptImage(rgb=rgb, detail=detail, decode_ms=ms))
         return out
 
     def render(self, messages: list[ChatMessage]) -> str:

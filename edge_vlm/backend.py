@@ -30,6 +30,7 @@ from edge_vlm.chunks import (
     SamplerParams,
     TextChunk,
     next_tile,
+    share_copied_slice,
 )
 from edge_vlm.errors import GenerationError, ModelLoadError
 
@@ -339,6 +340,10 @@ class Backend:
                     ))
                 else:
                     raise GenerationError("audio input is not supported")
+            side = self.cfg.one_tile_side
+            if side and max_image_tokens:
+                square = {im.identity for im in images if im.width == im.height == side}
+                items = share_copied_slice(items, square)
             chunks = PromptChunks(native, items, mctx)
             native = None
             return chunks

@@ -6,7 +6,7 @@ llama.cpp; only :mod:`edge_vlm.backend` turns them into native calls.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -25,6 +25,9 @@ class BackendConfig:
     verbose: bool = False
     image_min_tokens: int = 0
     image_max_tokens: int = 0
+    one_tile_side: int = 0
+    """For an idefics3 projector, its tile size: an image of exactly this square size at a
+    one-tile budget becomes an overview and one slice that are the same pixels."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,24 @@ class ImageChunk:
 
 
 Chunk = TextChunk | ImageChunk
+
+
+def share_copied_slice(items: list[Chunk], one_tile_images: set[str]) -> list[Chunk]:
+    """Give the only slice of each image in ``one_tile_images`` its overview's identity.
+
+    Those images are exactly one tile in size; libmtmd's idefics3 preprocessing then makes
+    an overview and one slice that are both plain copies of the image, so the slice's
+    embeddings are the overview's and the engine encodes the image once. Images with any
+    other chunk layout are left alone.
+    """
+    out = list(items)
+    for i, ch in enumerate(out):
+        if not (isinstance(ch, ImageChunk) and ch.tile == 1 and ch.image in one_tile_images):
+            continue
+        tiles = [c for c in out if isinstance(c, ImageChunk) and c.image == ch.image]
+        if len(tiles) == 2 and tiles[0].n_tokens == ch.n_tokens:
+            out[i] = replace(ch, identity=tiles[0].identity)
+    return out
 
 
 def next_tile(items: list[Chunk], image: str) -> int:

@@ -193,7 +193,8 @@ def format_stats(s: Any) -> str:
         f"peak rss {s.peak_rss_mb:.0f} MiB",
     ]
     for i, im in enumerate(s.images):
-        parts.append(f"image {i + 1}: {im.width}x{im.height} detail {im.detail}, "
+        tiles = f"{im.tiles} tile{'s' if im.tiles != 1 else ''} ({im.encoded} encoded)"
+        parts.append(f"image {i + 1}: {im.width}x{im.height} detail {im.detail}, {tiles}, "
                      f"{im.tokens} tok{', cached' if im.cache_hit else ''}")
     return "stats: " + "; ".join(parts)
 

@@ -167,6 +167,9 @@ class Engine:
         stats.prompt_tokens_reused = sum(w for _, w in items[:n_keep])
         image_stats = iter(stats.images)
         ist: ImageStats | None = None
+        # Embeddings of this prompt's tiles by identity: a tile that is a copy of another
+        # (ModelInfo.one_tile_side) reuses them even with the caches off.
+        seen: dict[str, npt.NDArray[np.float32]] = {}
         idx = 0  # item index at the start of the current chunk
         t0 = time.perf_counter()
         for ch in chunks.items:
@@ -184,18 +187,25 @@ class Engine:
             if ch.tile == 0:
                 ist = next(image_stats, None)
                 if ist is not None:
-                    ist.tiles, ist.tokens, ist.cache_hit = 0, 0, True
+                    ist.tiles, ist.encoded, ist.tokens, ist.cache_hit = 0, 0, 0, True
             if idx >= n_keep:
-                embd, encode_ms, hit = self._image_embeddings(chunks, ch)
+                copy = seen.get(ch.identity)
+                if copy is not None:  # same pixels as a tile of this prompt: no new pass
+                    embd, encode_ms = copy, 0.0
+                else:
+                    embd, encode_ms, hit = self._image_embeddings(chunks, ch)
+                    seen[ch.identity] = embd
+                    if hit:
+                        stats.embedding_cache_hits += 1
+                    if ist is not None:
+                        ist.encoded += 0 if hit else 1
+                        ist.cache_hit = ist.cache_hit and hit
                 self._kv_pos = self.backend.decode_image(chunks, ch, embd, self._kv_pos)
                 self._kv.append((ch.identity, ch.n_pos))
                 stats.prompt_tokens_evaluated += ch.n_tokens
                 stats.image_encode_ms += encode_ms
-                if hit:
-                    stats.embedding_cache_hits += 1
                 if ist is not None:
                     ist.encode_ms += encode_ms
-                    ist.cache_hit = ist.cache_hit and hit
             if ist is not None:  # a chunk already in the KV cache counts as a hit
                 ist.tiles += 1
                 ist.tokens += ch.n_tokens

@@ -68,7 +68,8 @@ class ModelInfo:
     ) -> int:
         """The mtmd image-token budget for a detail level (0: the model's full tiling).
 
-        ``low`` is one tile's worth (libmtmd then encodes one tile plus the overview);
+        ``low`` is one tile's worth (libmtmd then makes one slice plus the overview, the same
+        picture when the image is one tile in size: see :meth:`one_tile_side`);
         ``high`` is the full tiling; ``auto`` takes the settings' budget, else full detail
         when a GPU does the encoding and one tile's worth on a CPU, where every tile of a
         SigLIP-sized encoder costs about two seconds.
@@ -82,6 +83,19 @@ class ModelInfo:
         if budgets:
             return max(per_tile, min(budgets))
         return 0 if self.gpu else per_tile
+
+    def one_tile_side(self, budget: int) -> int:
+        """The side to resize images to at an image-token ``budget`` so that they are
+        encoded once, or 0.
+
+        At a one-tile budget, libmtmd's idefics3 preprocessing makes an overview and one
+        slice, each the image resized to the tile size; for an image already of that size
+        both are plain copies, so the second encoder pass repeats the first and the engine
+        skips it (half the vision time at ``detail="low"``).
+        """
+        if self.projector_type == "idefics3" and budget and budget == self.tokens_per_tile:
+            return self.image_size
+        return 0
 
     def max_image_side(self, detail: str) -> int:
         """The longest side worth decoding an image to for a detail level."""
@@ -229,6 +243,7 @@ def load_model(name: str | Path | None, mmproj: str | Path | None,
         flash_attn=rt.flash_attn,
         verbose=rt.verbose,
         image_max_tokens=default_budget,
+        one_tile_side=info.image_size if info.projector_type == "idefics3" else 0,
     ))
     try:
         template = ChatTemplate(

@@ -239,6 +239,9 @@ class ImageStats(_Model):
     height: int
     detail: str = "auto"
     tiles: int = 1
+    """Image chunks in the prompt (an overview plus slices for tiling projectors)."""
+    encoded: int = 0
+    """Vision-encoder passes run for it (tiles not served by a cache or a copy)."""
     tokens: int = 0
     decode_ms: float = 0.0
     encode_ms: float = 0.0

@@ -40,6 +40,7 @@ def test_run_streams_an_answer(model_args, images):
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.split()) >= 3
     assert "stats: ttft" in out.stderr and "16 tok" in out.stderr
+    assert "1 tile (1 encoded)" in out.stderr  # tiles and encoder passes per image
 
 
 def test_run_json_is_a_chat_completion(model_args, images):

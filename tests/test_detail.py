@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import edge_vlm
+from edge_vlm.backend import ImageChunk, RGBImage
 from edge_vlm.gguf import (
     CHAT_SPECIAL_TOKENS,
     Idefics3ProjectorSpec,
@@ -102,3 +103,32 @@ def test_a_one_tile_budget_decodes_the_image_small(tiling_vlm, photo):
     high = ask_detail(tiling_vlm, photo, "high")
     assert max(auto.images[0].width, auto.images[0].height) <= 64  # one 64-px tile
     assert max(high.images[0].width, high.images[0].height) == 256  # the preproc edge
+
+
+def test_low_detail_runs_the_encoder_once(tiling_vlm, photo):
+    """libmtmd makes an overview and one slice at a one-tile budget; edge-vlm hands it
+    an image of exactly one tile, so the slice is the overview and is not encoded again."""
+    tiling_vlm.engine.cache.clear()
+    tiling_vlm.engine.reset()  # nothing from earlier tests in the KV cache
+    low = ask_detail(tiling_vlm, photo, "low")
+    im = low.images[0]
+    assert (im.width, im.height) == (64, 64)
+    assert im.tiles == 2 and im.encoded == 1
+    assert im.tokens == 2 * tiling_vlm.info.tokens_per_tile
+    high = ask_detail(tiling_vlm, photo, "high")
+    assert high.images[0].encoded == high.images[0].tiles == 13
+
+
+def test_the_slice_of_a_one_tile_image_is_the_overview(tiling_vlm):
+    """What the single pass relies on, checked against libmtmd itself: both chunks of a
+    tile-sized image encode to the same embeddings."""
+    rng = np.random.default_rng(5)
+    backend = tiling_vlm.engine.backend
+    img = RGBImage(64, 64, rng.integers(0, 255, (64, 64, 3), dtype=np.uint8).tobytes(), "sq")
+    budget = tiling_vlm.info.tokens_per_tile
+    with backend.tokenize_prompt(f"look {backend.marker} here", [img], budget) as chunks:
+        tiles = [c for c in chunks.items if isinstance(c, ImageChunk)]
+        assert len(tiles) == 2
+        assert tiles[0].identity == tiles[1].identity
+        a, b = (backend.encode_image(chunks, t).copy() for t in tiles)
+    assert a.shape == b.shape and np.array_equal(a, b)
