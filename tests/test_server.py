@@ -22,7 +22,6 @@ from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
 from edge_vlm.resolve import SHIPPED_MMPROJ_FILE, SHIPPED_MODEL_FILE, shipped_model_dir
-from tests.conftest import below_accuracy_bar
 from tests.server_support import (
     TOKEN,
     ImageServer,
@@ -301,7 +300,8 @@ def test_shipped_model_answers_the_seed_snippet_correctly(shipped: tuple[Running
 
 
 @needs_shipped
-@below_accuracy_bar
+@pytest.mark.xfail(strict=True, reason="shapes-vlm never saw JSON in training: under the schema's "
+                   "grammar it names the right shape but guesses the colour (issue 3)")
 def test_shipped_model_fills_a_json_schema_correctly(shipped: tuple[Running, Any],
                                                      tmp_path: Path) -> None:
     from edge_vlm.shapes import world

@@ -59,7 +59,6 @@ def test_readme_sample(vlm) -> None:  # type: ignore[no-untyped-def]
     assert reply.choices[0].finish_reason == "stop"
 
 
-@below_accuracy_bar
 def test_multi_turn_and_system_message(vlm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(99)
     ok = total = 0

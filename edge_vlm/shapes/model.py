@@ -201,13 +201,38 @@ class TextModel(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """``h``: input embeddings [B, T, E] → logits [B, T, V] (tied output)."""
+    def forward(self, h: torch.Tensor, keep: tuple[int, ...] = ()) -> torch.Tensor:
+        """``h``: input embeddings [B, T, E] → logits [B, T, V] (tied output).
+
+        ``keep``: also store the inputs of these blocks in ``self.kept`` (training only).
+        """
         t = h.shape[1]
         cos, sin = self.cos[:t], self.sin[:t]
-        for blk in self.blocks:
+        self.kept: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks):
+            if i in keep:
+                self.kept[i] = h
             h = blk(h, cos, sin)
         return self.norm(h) @ self.embed.weight.T
+
+    def head_attention(
+        self, layer: int, head: int, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention probabilities of one head of block ``layer`` (input from ``self.kept``)
+        at query positions ``cols`` of sequences ``rows``: ``[N, T]``. Training only."""
+        blk = self.blocks[layer]
+        x = blk.attn_norm(self.kept[layer])
+        t, d = x.shape[1], self.c.n_embd // self.c.n_head
+        sl = slice(head * d, (head + 1) * d)
+        q = F.linear(x[rows, cols], blk.q.weight[sl])  # [N, d]
+        k = F.linear(x[rows], blk.k.weight[sl])  # [N, T, d]
+        q = apply_rope(
+            q[:, None, None, :], self.cos[cols][:, None, None], self.sin[cols][:, None, None]
+        )
+        k = apply_rope(k[:, None], self.cos[:t], self.sin[:t])
+        logits = (q @ k.transpose(-1, -2))[:, 0, 0] / math.sqrt(d)  # [N, T]
+        future = torch.arange(t, device=x.device)[None, :] > cols[:, None]
+        return logits.float().masked_fill(future, float("-inf")).softmax(-1)
 
 
 class ShapesVLM(nn.Module):
@@ -238,9 +263,13 @@ class ShapesVLM(nn.Module):
         return h.scatter(1, idx[..., None].expand(-1, -1, h.shape[2]), proj.to(h.dtype))
 
     def forward(
-        self, tokens: torch.Tensor, img_feats: torch.Tensor, img_pos: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        img_feats: torch.Tensor,
+        img_pos: torch.Tensor,
+        keep: tuple[int, ...] = (),
     ) -> torch.Tensor:
-        return self.text(self.embed(tokens, img_feats, img_pos))
+        return self.text(self.embed(tokens, img_feats, img_pos), keep)
 
 
 def init_weights(m: nn.Module) -> None:

@@ -391,7 +391,8 @@ def _background(bg: Background, w: int, h: int) -> Image.Image:
     if bg.kind == "gradient":
         # A 256-step ramp along the gradient direction, built from a linear gradient image.
         ramp = Image.linear_gradient("L").rotate(
-            bg.angle, resample=Image.Resampling.BILINEAR, expand=False)
+            bg.angle, resample=Image.Resampling.BILINEAR, expand=False
+        )
         diag = int(math.hypot(w, h)) + 2
         ramp = ramp.resize((diag, diag), Image.Resampling.BILINEAR)
         left, top = (diag - w) // 2, (diag - h) // 2

@@ -1,0 +1,90 @@
+"""The shipped model's trainer: batches and the lookup attention supervision.
+
+Needs PyTorch (the ``train`` extra); skipped without it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edge_vlm.shapes import data as D  # noqa: E402
+from edge_vlm.shapes import vocab as V  # noqa: E402
+from edge_vlm.shapes import world as W  # noqa: E402
+from edge_vlm.shapes.model import Config, ShapesVLM, apply_rope, init_weights  # noqa: E402
+from edge_vlm.shapes.train import LOOKUPS, lm_batch, lookup_attention_loss  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bank() -> D.Bank:
+    return D.make_bank(16, 7, 112, 16, workers=1)
+
+
+@pytest.fixture(scope="module")
+def model() -> ShapesVLM:
+    torch.manual_seed(0)
+    m = ShapesVLM(Config(n_vocab=len(V.shapes_vocab()), n_layer=3))
+    init_weights(m)
+    return m.eval()
+
+
+def test_lookup_positions_point_at_the_shape_word_and_the_answer(bank: D.Bank) -> None:
+    weights = {t: (1.0 if t in LOOKUPS else 0.0) for t in W.QUESTION_TYPES}
+    batch = lm_batch(random.Random(1), bank, np.arange(16), 49, weights)
+    voc = V.shapes_vocab()
+    assert len(batch.look_rows) >= 16  # every turn is a lookup
+    for r, col, word, kind in zip(*(t.tolist() for t in (batch.look_rows, batch.look_cols,
+                                                          batch.look_word, batch.look_kind)),
+                                  strict=True):
+        assert batch.tok[r, col] == voc.token_id(V.ASSISTANT)
+        assert batch.tgt[r, col] != -100  # the answer's first token is predicted there
+        name = voc.tokens[int(batch.tok[r, word])].lstrip("▁")
+        assert name in W.SHAPES and word < col
+        scene = bank.scenes[int(np.arange(16)[r])]
+        assert (kind >= 0) == (scene.find(name) is not None)
+        if kind >= 0:
+            assert W.SHAPES[kind] == name
+
+
+def test_head_attention_is_the_blocks_own_attention(bank: D.Bank, model: ShapesVLM) -> None:
+    batch = lm_batch(random.Random(2), bank, np.arange(8), 49)
+    with torch.no_grad():
+        feats = model.vision(torch.zeros(8, 3, 112, 112))
+        model(batch.tok, feats, batch.starts, keep=(1,))
+        rows, cols = batch.look_rows, batch.look_cols
+        p = model.text.head_attention(1, 0, rows, cols)
+        blk = model.text.blocks[1]
+        x = blk.attn_norm(model.text.kept[1])
+        b, t, _ = x.shape
+        q, k = (m(x).view(b, t, 4, -1).transpose(1, 2) for m in (blk.q, blk.k))
+        q, k = (apply_rope(z, model.text.cos[:t], model.text.sin[:t]) for z in (q, k))
+        a = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        ref = a.masked_fill(causal, float("-inf")).softmax(-1)[rows, 0, cols]
+    assert torch.allclose(p, ref, atol=1e-5)
+
+
+def test_the_lookup_loss_trains_the_two_hops(bank: D.Bank) -> None:
+    """A few steps on the supervision alone lower it: the hops are learnable from scratch."""
+    torch.manual_seed(1)
+    m = ShapesVLM(Config(n_vocab=len(V.shapes_vocab()), n_layer=3))
+    init_weights(m)
+    weights = {t: (1.0 if t in LOOKUPS else 0.0) for t in W.QUESTION_TYPES}
+    batch = lm_batch(random.Random(3), bank, np.arange(16), 49, weights)
+    feats = m.vision(torch.zeros(16, 3, 112, 112)).detach() + torch.randn(16, 49, 192)
+    labels = torch.from_numpy(bank.labels["shape"][:16])
+    opt = torch.optim.Adam(list(m.proj.parameters()) + list(m.text.parameters()), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        m(batch.tok, feats, batch.starts, keep=(0, 1))
+        loss = lookup_attention_loss(m, batch, labels, 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
