@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 from edge_vlm.shapes import data as D  # noqa: E402
 from edge_vlm.shapes import vocab as V  # noqa: E402
 from edge_vlm.shapes import world as W  # noqa: E402
+from edge_vlm.shapes.lmdata import LOOKUPS, lm_batch, lookup_attention_loss  # noqa: E402
 from edge_vlm.shapes.model import Config, ShapesVLM, apply_rope, init_weights  # noqa: E402
-from edge_vlm.shapes.train import LOOKUPS, lm_batch, lookup_attention_loss  # noqa: E402
 
 
 @pytest.fixture(scope="module")
