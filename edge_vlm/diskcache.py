@@ -13,12 +13,13 @@ import contextlib
 import hashlib
 import os
 import struct
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from edge_vlm.fileio import write_atomic
 
 MAGIC = b"EVLMEMB1"
 _HEADER = struct.Struct("<8sIII")  # magic, key length, rows, cols
@@ -63,18 +64,7 @@ class DiskEmbeddingCache:
         if len(data) > self.max_bytes:
             return
         with self._lock:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self._path(key))
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_atomic(self._path(key), data, mode=0o600)
             self._trim()
 
     def _trim(self) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from edge_vlm.batch.inputs import BatchInputError
 from edge_vlm.batch.resume import ResumeIndex
 from edge_vlm.errors import EdgeVLMError
+from edge_vlm.fileio import fsync_dir
 
 try:
     import fcntl
@@ -88,7 +89,7 @@ class ResultWriter:
         try:
             _lock(fd, p)
             if created:
-                _fsync_dir(p.parent)
+                fsync_dir(p.parent)
             size = os.fstat(fd).st_size
             if size and overwrite:
                 os.ftruncate(fd, 0)
@@ -183,19 +184,6 @@ def _lock(fd: int, path: Path) -> None:
                               "batch; wait for it or choose another --out") from None
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform; the file's own fsync still holds
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
 def _read_all(fd: int) -> bytes:
     os.lseek(fd, 0, os.SEEK_SET)
     parts: list[bytes] = []
@@ -227,7 +215,7 @@ def _replace_with(path: Path, old_fd: int, data: bytes) -> int:
             view = view[os.write(fd, view):]
         os.fsync(fd)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as err:
         os.close(fd)
         tmp.unlink(missing_ok=True)

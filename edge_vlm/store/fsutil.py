@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from edge_vlm.errors import StoreError
+from edge_vlm.fileio import write_atomic
 
 try:  # POSIX
     import fcntl
@@ -50,40 +51,9 @@ class ProgressSink(Protocol):
         """The current file is done."""
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old content or the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 @contextlib.contextmanager

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from edge_vlm.config import data_dir
 from edge_vlm.errors import ModelNotFoundError, StoreError
+from edge_vlm.fileio import fsync_dir
 from edge_vlm.store.fsutil import (
     LOCK_TIMEOUT_S,
     ProgressSink,
     StagedFile,
     atomic_write_json,
-    fsync_dir,
     hash_file,
     remove_orphans,
     store_lock,
