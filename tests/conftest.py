@@ -59,13 +59,3 @@ def ask(image: Path | str | None, text: str = "What is this?") -> list[dict[str,
         content.append({"type": "image_url", "image_url": {"url": str(image)}})
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
-
-
-#: Tests of the shipped model's *accuracy*: it is below its bar (issue 3 is open; see
-#: models/shapes-vlm/README.md). strict: when a retrained model passes, these turn into
-#: failures that ask for the marker to be removed.
-below_accuracy_bar = pytest.mark.xfail(
-    strict=True,
-    reason="shipped shapes-vlm answers 52/59 of this fixed question set (needs >= 90%; 91.0% of "
-    "the full evaluation): its vision encoder misreads some small or thin shapes: issue 3",
-)

@@ -301,7 +301,8 @@ def test_shipped_model_answers_the_seed_snippet_correctly(shipped: tuple[Running
 
 @needs_shipped
 @pytest.mark.xfail(strict=True, reason="shapes-vlm never saw JSON in training: under the schema's "
-                   "grammar it names the right shape but guesses the colour (issue 3)")
+                   "grammar it writes valid JSON of its world's words, but not the right ones "
+                   "(a limit in its model card)")
 def test_shipped_model_fills_a_json_schema_correctly(shipped: tuple[Running, Any],
                                                      tmp_path: Path) -> None:
     from edge_vlm.shapes import world

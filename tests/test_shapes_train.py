@@ -88,3 +88,31 @@ def test_the_lookup_loss_trains_the_two_hops(bank: D.Bank) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_larger_patch_starts_where_the_smaller_model_stood(bank: D.Bank) -> None:
+    """A 224-px / 32-px-patch encoder initialised from a 112-px / 16-px one computes on a
+    224-px image what the small one computes on its 2x2 area average (so the resolution can
+    grow without retraining from scratch), and the labels mark the same object patches."""
+    from edge_vlm.shapes.model import load_resampled
+
+    torch.manual_seed(2)
+    small = ShapesVLM(Config(n_vocab=len(V.shapes_vocab()), n_layer=3))
+    init_weights(small)
+    big = ShapesVLM(Config(n_vocab=len(V.shapes_vocab()), n_layer=3, image_size=224, patch_size=32))
+    load_resampled(big, small.state_dict())
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        want = small.vision(torch.nn.functional.avg_pool2d(x, 2))
+        got = big.vision(x)
+    assert got.shape == want.shape == (2, 49, 192)
+    assert (got - want).abs().max().item() < 1e-4
+
+    sc, _, lab_small = D.render_example(random.Random(5), 112, 16)
+    sc2, img, lab_big = D.render_example(random.Random(5), 224, 32)
+    assert sc2 == sc and img.shape == (224, 224, 3)
+    assert (lab_big["rank"] >= 0).sum() == pytest.approx((lab_small["rank"] >= 0).sum(), abs=2)
+
+    wrong = ShapesVLM(Config(n_vocab=len(V.shapes_vocab()), n_layer=3, patch_size=24))
+    with pytest.raises(ValueError, match="cannot resample"):
+        load_resampled(wrong, small.state_dict())

@@ -243,3 +243,24 @@ def test_letterbox_matches_clip_geometry() -> None:
     # 640x360 → 112x63, pasted at y = (112 - 63) // 2 = 24
     assert out.getpixel((56, 23)) == D.PAD_COLOR and out.getpixel((56, 24)) == (255, 255, 255)
     assert out.getpixel((56, 86)) == (255, 255, 255) and out.getpixel((56, 87)) == D.PAD_COLOR
+
+
+def test_a_noisy_scene_renders_to_the_same_pixels_every_time() -> None:
+    """Evaluation and training scenes are pure functions of their seed: the noise pattern of a
+    noisy background comes from the scene's own seed (it once came from Pillow's unseeded
+    generator, so an evaluation's score depended on what had been rendered before it)."""
+    import numpy as np
+
+    base = scene(("star", "orange", 0.5, 0.5))
+
+    def noisy(seed: int) -> W.Scene:
+        bg = W.Background("noisy", None, (120, 120, 120), (120, 120, 120), noise=15, seed=seed)
+        return W.Scene(160, 120, bg, base.shapes)
+
+    first = np.asarray(W.render(noisy(3)))
+    W.render(noisy(4))
+    assert np.array_equal(first, np.asarray(W.render(noisy(3))))
+    other = np.asarray(W.render(noisy(4)))
+    assert not np.array_equal(first, other)
+    corner = first[:20, :20].astype(float)  # background only: base 120, std ~15
+    assert abs(corner.mean() - 120) < 5 and 8 < corner.std() < 22

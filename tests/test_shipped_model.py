@@ -9,7 +9,6 @@ import pytest
 
 from edge_vlm.shapes import evaluate as E
 from edge_vlm.shapes import world as W
-from tests.conftest import below_accuracy_bar
 
 MODEL_DIR = E.MODEL_DIR
 SAMPLES = MODEL_DIR / "samples"
@@ -32,7 +31,6 @@ def vlm():  # type: ignore[no-untyped-def]
     m.close()
 
 
-@below_accuracy_bar
 def test_fifty_generated_questions(vlm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     ok = total = 0
     failures = []
@@ -62,7 +60,8 @@ def test_readme_sample(vlm) -> None:  # type: ignore[no-untyped-def]
 def test_multi_turn_and_system_message(vlm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(99)
     ok = total = 0
-    for i in range(6):
+    # 16 conversations x 3 turns: with fewer questions one miss decides the 90% bar.
+    for i in range(16):
         scene = W.sample_scene(rng)
         path = str(tmp_path / f"c{i}.png")
         W.render(scene).save(path)
@@ -74,6 +73,7 @@ def test_multi_turn_and_system_message(vlm, tmp_path: Path) -> None:  # type: ig
             reply = vlm.chat(upto, max_tokens=48, temperature=0)
             ok += (reply.choices[0].message.content or "").strip() == qa.answer
             total += 1
+    assert total == 48
     assert ok / total >= 0.9
 
 

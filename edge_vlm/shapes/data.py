@@ -86,7 +86,8 @@ def _labels(scene: W.Scene, s: int, p: int, w: int, h: int) -> dict[str, np.ndar
     shape_cls = np.where(padfrac > 0.5, 1, 0).astype(np.int64)
     owner = np.full(g * g, -1, np.int64)
     best = counts.argmax(1)
-    hit = counts.max(1) >= 6 * sup * sup
+    # At least 6 pixels of a 16-pixel patch (the same fraction of larger patches).
+    hit = counts.max(1) >= 6 * sup * sup * (p / 16) ** 2
     owner[hit] = best[hit]
     for i, sh in enumerate(scene.shapes):  # a tiny shape still owns its centre patch
         px = min(g - 1, int((ox + sh.x * w) / p))

@@ -281,3 +281,25 @@ def init_weights(m: nn.Module) -> None:
     for name, p in m.named_parameters():
         if name.endswith(("o.weight", "down.weight")):
             nn.init.normal_(p, std=0.02 / math.sqrt(2 * 4))
+
+
+def load_resampled(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model``, resampling a patch embedding of another patch size.
+
+    A ``k``-times larger patch over a ``k``-times larger image covers the same part of the
+    picture: each weight of the small kernel is spread over a ``k``x``k`` block (divided by
+    ``k**2``), so the encoder computes what it computed before on the image downscaled by
+    ``k`` (area average). A model trained at 112 px then starts at 224 px where it stood.
+    """
+    state = dict(state)
+    key = "vision.patch.weight"
+    want = model.state_dict()[key].shape
+    have = state[key].shape
+    if want != have:
+        k = want[-1] // have[-1]
+        if want[:2] != have[:2] or k * have[-1] != want[-1]:
+            raise ValueError(f"cannot resample a {tuple(have)} patch embedding to {tuple(want)}")
+        w = state[key].repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+        state[key] = w / (k * k)
+    model.load_state_dict(state)
+

@@ -18,8 +18,14 @@ seed and the step, so a resumed run continues exactly as an uninterrupted one):
    :func:`edge_vlm.shapes.lmdata.lookup_attention_loss`). The lm phase alone leaves those
    questions at chance.
 
+``--init`` starts a run from another checkpoint's weights, also at another resolution: a
+model trained at 112 px with 16-px patches continues at 224 px with 32-px patches (same 49
+image tokens, so the language model is unchanged) exactly where it stood, and then learns
+from the finer pixels (see :func:`edge_vlm.shapes.model.load_resampled`).
+
 The shipped model: ``--vision-steps 6000 --lm-steps 3000 --joint-steps 0`` (run2), then
-``--tune-steps 1500 --tune-lr 1e-3`` resumed from its lm checkpoint (see the model card).
+``--tune-steps 1500 --tune-lr 1e-3`` resumed from its lm checkpoint, then two rounds at 224
+px (``--init``, vision + tune, the second on a fresh bank); the model card has the commands.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import torch.nn.functional as F
 from edge_vlm.shapes import data as D
 from edge_vlm.shapes import vocab as V
 from edge_vlm.shapes.lmdata import lm_batch, lookup_attention_loss
-from edge_vlm.shapes.model import Config, ShapesVLM, init_weights
+from edge_vlm.shapes.model import Config, ShapesVLM, init_weights, load_resampled
 
 PHASES = ("vision", "lm", "joint", "tune")
 # ``tune``: the lm phase again (frozen ViT), weighted toward the questions that look a named
@@ -211,13 +217,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tune-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="start the vision phase from this checkpoint's weights (all of them; a patch "
+        "embedding of a smaller patch size is resampled, see model.load_resampled)",
+    )
+    p.add_argument(
+        "--small-weight",
+        type=float,
+        default=0.0,
+        help="after the curriculum, draw scenes with weight exp(-K * smallest shape size) "
+        "(K > 0 shows scenes with small shapes more often)",
+    )
     p.add_argument("--v-layer", type=int, default=4)
     p.add_argument("--n-layer", type=int, default=3)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    c = Config(n_vocab=len(V.shapes_vocab()), v_layer=args.v_layer, n_layer=args.n_layer)
+    c = Config(
+        n_vocab=len(V.shapes_vocab()),
+        v_layer=args.v_layer,
+        n_layer=args.n_layer,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+    )
     torch.manual_seed(args.seed)
     model = ShapesVLM(c)
     init_weights(model)
@@ -229,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(ck["model"])
         phase, step = ck["phase"], ck["step"]
         print(f"resumed {phase} at step {step}", flush=True)
+    elif args.init:
+        load_resampled(model, torch.load(args.init, weights_only=False)["model"])
+        print(f"initialised from {args.init}", flush=True)
     bank = load_bank(args.out, args.bank, args.seed, c)
     N = len(bank.scenes)
     n_img = c.n_patches
@@ -297,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
             if ph == "vision" and step < warm:
                 k = 12.0 * (1 - step / warm)
                 w = np.exp(k * min_size)
+                idx = nrng.choice(N, bs, p=w / w.sum())
+            elif ph == "vision" and args.small_weight:
+                w = np.exp(-args.small_weight * min_size)
                 idx = nrng.choice(N, bs, p=w / w.sum())
             if ph == "vision":
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):

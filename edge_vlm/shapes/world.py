@@ -1,6 +1,6 @@
 """The synthetic world the shipped ``shapes-vlm`` model knows: scenes, rendering, questions.
 
-Pillow and the standard library only (no torch): the evaluation command and the tests
+Pillow, numpy and the standard library only (no torch): the evaluation command and the tests
 import this module.
 
 The world
@@ -70,6 +70,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
@@ -404,7 +405,9 @@ def _background(bg: Background, w: int, h: int) -> Image.Image:
     from PIL import ImageChops
 
     base = Image.new("RGB", (w, h), bg.rgb)
-    noise = Image.effect_noise((w, h), bg.noise).convert("RGB")
+    # Seeded (Pillow's effect_noise is not: the same scene must render to the same pixels).
+    level = np.random.default_rng(bg.seed).normal(128.0, bg.noise, (h, w))
+    noise = Image.fromarray(np.clip(np.rint(level), 0, 255).astype(np.uint8), "L").convert("RGB")
     return ImageChops.add(base, noise, scale=1.0, offset=-128)
 
 
