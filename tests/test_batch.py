@@ -392,7 +392,8 @@ def shipped() -> Any:
 
 
 def shapes_scenes(folder: Path, n: int, seed: int) -> list[tuple[Path, Any]]:
-    from edge_vlm.shapes.world import render, sample_scene
+    from edge_vlm.shapes.render import render
+    from edge_vlm.shapes.world import sample_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

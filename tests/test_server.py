@@ -277,11 +277,11 @@ def shipped() -> Iterator[tuple[Running, Any]]:
 @needs_shipped
 def test_shipped_model_answers_the_seed_snippet_correctly(shipped: tuple[Running, Any],
                                                           tmp_path: Path) -> None:
-    from edge_vlm.shapes import world
+    from edge_vlm.shapes import render, world
 
     running, scene = shipped
     path = tmp_path / "scene.png"
-    world.render(scene).save(path)
+    render.render(scene).save(path)
     images = ImageServer({"/scene.png": path.read_bytes()}).start()
     try:
         client = InferenceClient(base_url=running.url, api_key=TOKEN)
@@ -305,11 +305,11 @@ def test_shipped_model_answers_the_seed_snippet_correctly(shipped: tuple[Running
                    "(a limit in its model card)")
 def test_shipped_model_fills_a_json_schema_correctly(shipped: tuple[Running, Any],
                                                      tmp_path: Path) -> None:
-    from edge_vlm.shapes import world
+    from edge_vlm.shapes import render, world
 
     running, scene = shipped
     path = tmp_path / "scene.png"
-    world.render(scene).save(path)
+    render.render(scene).save(path)
     schema = {"type": "object", "required": ["shape", "color"], "properties": {
         "shape": {"type": "string", "enum": list(world.SHAPES)},
         "color": {"type": "string", "enum": list(world.COLORS)}}}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge_vlm.shapes import evaluate as E
+from edge_vlm.shapes import render as R
 from edge_vlm.shapes import world as W
 
 MODEL_DIR = E.MODEL_DIR
@@ -64,7 +65,7 @@ def test_multi_turn_and_system_message(vlm, tmp_path: Path) -> None:  # type: ig
     for i in range(16):
         scene = W.sample_scene(rng)
         path = str(tmp_path / f"c{i}.png")
-        W.render(scene).save(path)
+        R.render(scene).save(path)
         system = W.SYSTEM_PROMPTS[i % len(W.SYSTEM_PROMPTS)] if i % 2 else None
         msgs, qas = W.conversation(rng, scene, path, turns=3, system=system)
         start = 1 if system else 0

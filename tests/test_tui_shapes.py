@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge_vlm.resolve import SHIPPED_MMPROJ_FILE, SHIPPED_MODEL_FILE, shipped_model_dir
-from edge_vlm.shapes import world
+from edge_vlm.shapes import render, world
 from edge_vlm.tui.app import ChatApp
 from edge_vlm.tui.conversation import ConversationStore
 from edge_vlm.tui.session import default_loader
@@ -36,7 +36,7 @@ def one_shape_image(tmp_path: Path) -> tuple[Path, str]:
     scene = world.sample_scene(random.Random(7), n_shapes=1, size=(256, 192),
                                size_range=(0.45, 0.6))
     path = tmp_path / "one-shape.png"
-    world.render(scene).save(path)
+    render.render(scene).save(path)
     return path, scene.shapes[0].kind
 
 

@@ -63,7 +63,8 @@ def make_shapes_images(folder: str | os.PathLike[str], n: int, *, seed: int = 0,
     """Write ``n`` PNG scenes of the shipped model's shapes world into ``folder``."""
     import random
 
-    from edge_vlm.shapes.world import render, sample_scene
+    from edge_vlm.shapes.render import render
+    from edge_vlm.shapes.world import sample_scene
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)

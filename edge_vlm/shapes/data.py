@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from edge_vlm.shapes import render as R
 from edge_vlm.shapes import vocab as V
 from edge_vlm.shapes import world as W
 
@@ -72,7 +73,7 @@ def _labels(scene: W.Scene, s: int, p: int, w: int, h: int) -> dict[str, np.ndar
         if sh.kind == "circle":
             d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=i + 1)
         else:
-            d.polygon(W._polygon(sh.kind, cx, cy, r, sh.angle), fill=i + 1)
+            d.polygon(R.polygon(sh.kind, cx, cy, r, sh.angle), fill=i + 1)
     m = np.asarray(mask)
     g = s // p
     ps = p * sup
@@ -126,14 +127,14 @@ def render_example(rng: random.Random, s: int, p: int) -> tuple[W.Scene, np.ndar
     r = rng.random()
     if r < 0.3:
         # The real path: full-size render (maybe JPEG), downscaled by the runtime.
-        img = W.render(scene, supersample=2)
+        img = R.render(scene, supersample=2)
         if rng.random() < 0.5:
-            img = W.to_jpeg(img, rng.randint(50, 95))
+            img = R.to_jpeg(img, rng.randint(50, 95))
         img = img.resize((w, h), Image.Resampling.BICUBIC)
     else:
-        img = W.render(scene, size=(w, h), supersample=3)
+        img = R.render(scene, size=(w, h), supersample=3)
         if r < 0.4:
-            img = W.to_jpeg(img, rng.randint(60, 95))
+            img = R.to_jpeg(img, rng.randint(60, 95))
     canvas = Image.new("RGB", (s, s), PAD_COLOR)
     canvas.paste(img, ((s - w) // 2, (s - h) // 2))
     return scene, np.asarray(canvas, dtype=np.uint8), _labels(scene, s, p, w, h)

@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from edge_vlm.shapes import render as R
 from edge_vlm.shapes import world as W
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "shapes-vlm"
@@ -52,7 +53,7 @@ def questions_for(seed: int, i: int, scene: W.Scene) -> list[W.QA]:
 
 
 def save_image(scene: W.Scene, variant: str, path: Path) -> str:
-    img = W.render(scene)
+    img = R.render(scene)
     if variant == "jpeg70":
         p = path.with_suffix(".jpg")
         img.save(p, format="JPEG", quality=70)

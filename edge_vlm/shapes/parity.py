@@ -25,6 +25,7 @@ import torch
 
 import edge_vlm
 from edge_vlm.shapes import data as D
+from edge_vlm.shapes import render as R
 from edge_vlm.shapes import world as W
 from edge_vlm.shapes.export import load_checkpoint
 from edge_vlm.shapes.model import ShapesVLM
@@ -72,7 +73,7 @@ def run(
             size = (model.c.image_size,) * 2 if i % 2 == 0 else W.sample_size(rng, (0.5, 2.0))
             scene = W.sample_scene(rng, size=size)
             path = str(Path(tmp) / f"p{i}.png")
-            W.render(scene).save(path)
+            R.render(scene).save(path)
             a = torch_embeddings(model, path)
             b = vlm.debug_image_embeddings(path)
             emb_diff = max(emb_diff, float(np.abs(a - b).max()))
