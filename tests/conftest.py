@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +61,23 @@ def ask(image: Path | str | None, text: str = "What is this?") -> list[dict[str,
         content.append({"type": "image_url", "image_url": {"url": str(image)}})
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty EDGE_VLM_HOME; no user config; the child load check off unless a test asks."""
+    for key in [k for k in os.environ if k.startswith("EDGE_VLM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("EDGE_VLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EDGE_VLM_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("EDGE_VLM_STORE__CHECK_LOAD", "false")
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def pair(tmp_path: Path, tiny_paths: TinyVLMPaths) -> TinyVLMPaths:
+    """A private copy of the tiny model pair (tests may damage it)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    return TinyVLMPaths(Path(shutil.copy(tiny_paths.model, src)),
+                        Path(shutil.copy(tiny_paths.mmproj, src)))

@@ -29,26 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- fixtures and helpers -------------------------------------------------------------------
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty EDGE_VLM_HOME; no user config; the child load check off unless a test asks."""
-    for key in [k for k in os.environ if k.startswith("EDGE_VLM_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("EDGE_VLM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("EDGE_VLM_CONFIG", str(tmp_path / "no-config.toml"))
-    monkeypatch.setenv("EDGE_VLM_STORE__CHECK_LOAD", "false")
-    return tmp_path / "home"
-
-
-@pytest.fixture
-def pair(tmp_path: Path, tiny_paths: TinyVLMPaths) -> TinyVLMPaths:
-    """A private copy of the tiny model pair (tests may damage it)."""
-    src = tmp_path / "src"
-    src.mkdir()
-    return TinyVLMPaths(Path(shutil.copy(tiny_paths.model, src)),
-                        Path(shutil.copy(tiny_paths.mmproj, src)))
-
-
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     from edge_vlm.cli import main
 
@@ -460,46 +440,3 @@ def test_concurrent_imports_serialise_on_the_lock(home, pair) -> None:
     assert files == {"manifests": ["other.json", "same.json"], "blobs": files["blobs"],
                      "tmp": []}
     assert len(files["blobs"]) == 2
-
-
-# -- memory estimate ------------------------------------------------------------------------
-
-
-def test_estimate_verdicts_and_largest_context() -> None:
-    from edge_vlm.store.manifest import ModelFacts
-    from edge_vlm.store.memory import estimate
-
-    facts = ModelFacts(n_layer=30, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64,
-                       n_vocab=49152, embedding_width=576, n_ff=1536, context_length=8192,
-                       image_size=512, patch_size=16, vision_width=768, vision_ff=3072,
-                       vision_heads=12)
-    big = estimate(facts, 144_000_000, 190_000_000, n_ctx=8192, available=10**12)
-    assert big.verdict == "fits" and big.max_ctx == 8192
-    assert big.kv_cache == 30 * 3 * 128 * 2 * 8192
-    tight = estimate(facts, 144_000_000, 190_000_000, n_ctx=8192, available=big.total + 1)
-    assert tight.verdict == "tight"
-    small = estimate(facts, 144_000_000, 190_000_000, n_ctx=8192,
-                     available=big.total - 100 * 2**20)
-    assert small.verdict == "won't fit" and 0 < small.max_ctx < 8192
-    assert estimate(facts, 144_000_000, 190_000_000, n_ctx=small.max_ctx,
-                    available=small.available).total <= small.available
-    assert "largest context that fits is" in small.summary()
-    none = estimate(facts, 144_000_000, 190_000_000, n_ctx=8192, available=10**8)
-    assert none.max_ctx == 0 and "weights alone do not fit" in none.summary()
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="peak RSS read from /proc/self/status")
-def test_estimate_is_within_20_percent_of_measured_peak_rss(home, pair) -> None:
-    from edge_vlm.store.memcheck import measure
-
-    result = measure(pair.model, pair.mmproj, n_ctx=1024, image_side=64)
-    assert abs(result["error_pct"]) <= 20, result
-
-
-def test_memory_warning_only_when_it_will_not_fit(pair, monkeypatch) -> None:
-    from edge_vlm.store import memory
-
-    assert memory.memory_warning(pair.model, pair.mmproj) is None
-    monkeypatch.setattr(memory, "_available", lambda: 50 * 2**20)
-    warning = memory.memory_warning(pair.model, pair.mmproj)
-    assert warning is not None and "tiny-model.gguf" in warning and "available" in warning
