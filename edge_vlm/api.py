@@ -12,6 +12,7 @@ with edge_vlm.load("default") as vlm:
 
 from __future__ import annotations
 
+import difflib
 import math
 import threading
 import time
@@ -38,13 +39,15 @@ from edge_vlm.schema import (
     Choice,
     ChunkChoice,
     Delta,
-    GenerationStats,
+    Detail,
     ImagePart,
-    Usage,
+    ResponseFormat,
+    StreamOptions,
     new_completion_id,
     now,
     parse_request,
 )
+from edge_vlm.stats import usage
 
 
 def load(
@@ -65,7 +68,8 @@ def load(
         model: ``"default"`` (the shipped model), an installed model's name, or a GGUF path.
             None: ``settings.model.default``.
         mmproj: The vision projector GGUF for a model given as a path.
-        settings: Settings to use (default: :func:`~edge_vlm.config.load_settings`).
+        settings: Settings to use (default: :func:`~edge_vlm.config.load_settings`); the
+            keyword arguments below replace its values (``False`` and ``0`` included).
         n_ctx: Context window in tokens.
         threads: CPU threads.
         gpu: ``auto`` (offload when the build supports it), ``on`` or ``off``.
@@ -77,32 +81,17 @@ def load(
         ModelNotFoundError: the model cannot be found.
         ModelLoadError: a file is invalid or the pair does not match.
     """
-    overrides = {
+    settings = (settings if settings is not None else load_settings()).with_overrides({
         "runtime.n_ctx": n_ctx,
         "runtime.threads": threads,
         "runtime.gpu": gpu,
         "runtime.flash_attn": flash_attn,
         "images.allow_remote": allow_remote_images,
         "runtime.verbose": verbose,
-    }
-    if settings is None:
-        settings = load_settings(overrides)
-    elif any(v is not None for v in overrides.values()):
-        settings = load_settings(
-            {**_flatten(settings.model_dump()), **{k: v for k, v in overrides.items() if v}})
+    })
     name = model if model is not None else settings.model.default
     proj = mmproj if mmproj is not None else settings.model.mmproj
     return VLM(load_model(name, proj, settings), settings)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class VLM:
@@ -137,12 +126,30 @@ class VLM:
     @overload
     def chat(self, messages: Any = ..., *, stream: Literal[False] = ...,
              cancel: threading.Event | None = ..., policy: ImagePolicy | None = ...,
-             **fields: Any) -> ChatCompletion: ...
+             model: str | None = ..., max_tokens: int | None = ...,
+             max_completion_tokens: int | None = ..., temperature: float | None = ...,
+             top_p: float | None = ..., top_k: int | None = ..., min_p: float | None = ...,
+             seed: int | None = ..., stop: str | list[str] | None = ...,
+             stream_options: StreamOptions | dict[str, Any] | None = ...,
+             frequency_penalty: float | None = ..., presence_penalty: float | None = ...,
+             repeat_penalty: float | None = ...,
+             response_format: ResponseFormat | dict[str, Any] | None = ...,
+             n: int | None = ..., detail: Detail | None = ...,
+             **unknown: Any) -> ChatCompletion: ...
 
     @overload
     def chat(self, messages: Any = ..., *, stream: Literal[True],
              cancel: threading.Event | None = ..., policy: ImagePolicy | None = ...,
-             **fields: Any) -> Iterator[ChatCompletionChunk]: ...
+             model: str | None = ..., max_tokens: int | None = ...,
+             max_completion_tokens: int | None = ..., temperature: float | None = ...,
+             top_p: float | None = ..., top_k: int | None = ..., min_p: float | None = ...,
+             seed: int | None = ..., stop: str | list[str] | None = ...,
+             stream_options: StreamOptions | dict[str, Any] | None = ...,
+             frequency_penalty: float | None = ..., presence_penalty: float | None = ...,
+             repeat_penalty: float | None = ...,
+             response_format: ResponseFormat | dict[str, Any] | None = ...,
+             n: int | None = ..., detail: Detail | None = ...,
+             **unknown: Any) -> Iterator[ChatCompletionChunk]: ...
 
     def chat(
         self,
@@ -151,34 +158,83 @@ class VLM:
         stream: bool = False,
         cancel: threading.Event | None = None,
         policy: ImagePolicy | None = None,
-        **fields: Any,
+        # The request fields: one per field of ChatCompletionRequest (a test keeps them in
+        # step), then ``detail``. None: the request's own value, else the settings' default.
+        model: str | None = None,
+        max_tokens: int | None = None,
+        max_completion_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        stream_options: StreamOptions | dict[str, Any] | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        repeat_penalty: float | None = None,
+        response_format: ResponseFormat | dict[str, Any] | None = None,
+        n: int | None = None,
+        detail: Detail | None = None,
+        **unknown: Any,
     ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
         """Answer a conversation.
 
         Args:
             messages: A list of messages (dicts in the OpenAI/HF form or
                 :class:`~edge_vlm.schema.ChatMessage`), or a whole
-                :class:`~edge_vlm.schema.ChatCompletionRequest` or its dict.
+                :class:`~edge_vlm.schema.ChatCompletionRequest` or its dict (whose fields
+                the keyword arguments below replace).
             stream: Return an iterator of chunks; the last carries ``timings``.
             cancel: Set it from another thread to stop within one token.
             policy: Where images may come from (default: :meth:`image_policy`, from the
                 settings); the server passes its own, stricter one.
-            **fields: Request fields: ``max_tokens``, ``temperature``, ``seed``, ``stop``,
-                ``response_format``, ``top_p``, ...
+            model: The model the request is for; must be this one (its name, or
+                ``default`` for the shipped model).
+            max_tokens: Most tokens to generate (default: ``sampling.max_tokens``).
+            max_completion_tokens: The newer clients' name for ``max_tokens``.
+            temperature: 0 is greedy and reproducible (default: ``sampling.temperature``).
+            top_p: Nucleus sampling (default: ``sampling.top_p``).
+            top_k: Sample among the k likeliest tokens (default: ``sampling.top_k``).
+            min_p: Drop tokens below this share of the likeliest (default:
+                ``sampling.min_p``).
+            seed: Sampling seed, for reproducible answers at a temperature above 0.
+            stop: Strings that end the answer; they are never part of it.
+            stream_options: ``{"include_usage": True}`` adds a last chunk carrying usage.
+            frequency_penalty: OpenAI's frequency penalty.
+            presence_penalty: OpenAI's presence penalty.
+            repeat_penalty: llama.cpp's repeat penalty (default: ``sampling.repeat_penalty``).
+            response_format: ``{"type": "json_object"}`` or ``{"type": "json_schema",
+                "json_schema": {...}}``: the answer is constrained to that form.
+            n: Answers per request; only 1 is supported.
+            detail: Image detail for the images that do not set their own
+                (default: ``images.detail``): ``low``, ``high`` or ``auto``.
+            **unknown: Refused: a misspelt field must not be dropped silently.
 
         Raises:
-            RequestError: invalid request, naming the field (before any model work).
+            RequestError: invalid request, naming the field (before any model work); an
+                unknown keyword, naming it and the closest valid one.
             ImageError: an image could not be read or is not allowed.
             ContextOverflowError: the prompt and max_tokens do not fit the context.
         """
-        request = self._request(messages, stream, fields)
+        if unknown:
+            raise _unknown_keyword(sorted(unknown)[0])
+        fields = {
+            "model": model, "max_tokens": max_tokens,
+            "max_completion_tokens": max_completion_tokens, "temperature": temperature,
+            "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed, "stop": stop,
+            "stream_options": stream_options, "frequency_penalty": frequency_penalty,
+            "presence_penalty": presence_penalty, "repeat_penalty": repeat_penalty,
+            "response_format": response_format, "n": n,
+        }
+        request = self._request(messages, stream, fields, detail)
         chunks = self._stream(request, cancel, policy)
         if request.stream:
             return chunks
         return self._collect(chunks)
 
-    def _request(self, messages: Any, stream: bool, fields: dict[str, Any]) -> (
-            ChatCompletionRequest):
+    def _request(self, messages: Any, stream: bool, fields: dict[str, Any],
+                 detail: Detail | None = None) -> ChatCompletionRequest:
         if isinstance(messages, ChatCompletionRequest):
             data = messages.model_dump(exclude_none=True, by_alias=True)
         elif isinstance(messages, dict):
@@ -190,10 +246,30 @@ class VLM:
             ]}
         else:
             raise RequestError("messages: expected a list of messages or a request")
-        data.update(fields)
+        data.update({k: v for k, v in fields.items() if v is not None})
         if stream:
             data["stream"] = True
-        return parse_request(data)
+        request = parse_request(data)
+        if fields.get("model") is not None:
+            self._check_model(request.model or "")
+        if detail is not None:
+            if detail not in ("auto", "low", "high"):
+                raise RequestError(f"detail: must be auto, low or high, got {detail!r}",
+                                   param="detail")
+            for msg in request.messages:
+                for part in msg.content if isinstance(msg.content, list) else ():
+                    if isinstance(part, ImagePart) and part.image_url.detail is None:
+                        part.image_url.detail = detail
+        return request
+
+    def _check_model(self, name: str) -> None:
+        from edge_vlm.shipped import DEFAULT_NAMES, SHIPPED_MODEL
+
+        if name == self.name or (name in DEFAULT_NAMES and self.name == SHIPPED_MODEL):
+            return
+        raise RequestError(
+            f"model: this is model '{self.name}', the request is for '{name}'; load that "
+            "model with edge_vlm.load(...), or leave model out", param="model")
 
     def _collect(self, chunks: Iterator[ChatCompletionChunk]) -> ChatCompletion:
         text: list[str] = []
@@ -210,7 +286,7 @@ class VLM:
             id=last.id, created=last.created, model=last.model,
             choices=[Choice(message=AssistantMessage(content="".join(text)),
                             finish_reason=last.choices[0].finish_reason)],
-            usage=_usage(stats), timings=stats,
+            usage=usage(stats), timings=stats,
         )
 
     def _stream(
@@ -245,7 +321,7 @@ class VLM:
                 if request.stream_options and request.stream_options.include_usage:
                     assert ev.stats is not None
                     yield ChatCompletionChunk(id=cid, created=created, model=self.name,
-                                              choices=[], usage=_usage(ev.stats))
+                                              choices=[], usage=usage(ev.stats))
 
     # -- batch -----------------------------------------------------------------------
 
@@ -404,6 +480,8 @@ class VLM:
             return backend.encode_image(chunks, ch)
 
 
-def _usage(stats: GenerationStats) -> Usage:
-    return Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                 total_tokens=stats.prompt_tokens + stats.completion_tokens)
+def _unknown_keyword(name: str) -> RequestError:
+    valid = [*ChatCompletionRequest.model_fields, "detail", "stream", "cancel", "policy"]
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(sorted(valid))}"
+    return RequestError(f"{name}: not a field of a chat request ({hint})", param=name)

@@ -15,35 +15,12 @@ from typing import Any
 
 from edge_vlm import __version__
 from edge_vlm.errors import EdgeVLMError
+from edge_vlm.flags import add_model_flags, model_overrides
+
+__all__ = ["build_parser", "main", "model_overrides"]
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, Handler] = {}
-
-
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", help="model name, 'default' (shipped) or a GGUF path")
-    g.add_argument("--mmproj", help="vision projector GGUF for a model given as a path")
-    g.add_argument("--n-ctx", type=int, help="context window in tokens")
-    g.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
-    g.add_argument("--gpu", choices=["auto", "on", "off"], help="GPU offload (default: auto)")
-    g.add_argument("--flash-attn", choices=["auto", "on", "off"],
-                   help="flash attention (default: auto)")
-    g.add_argument("--verbose", action="store_true", default=None,
-                   help="show llama.cpp's log on stderr")
-
-
-def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Settings overrides (dotted keys) from the shared model and image flags."""
-    return {
-        "runtime.n_ctx": getattr(args, "n_ctx", None),
-        "runtime.threads": getattr(args, "threads", None),
-        "runtime.gpu": getattr(args, "gpu", None),
-        "runtime.flash_attn": getattr(args, "flash_attn", None),
-        "runtime.verbose": getattr(args, "verbose", None),
-        "images.allow_remote": getattr(args, "allow_remote_images", None),
-        "images.detail": getattr(args, "detail", None),
-    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats", action="store_true", help="print timing stats to stderr")
     run.add_argument("--allow-remote-images", action="store_true", default=None,
                      help="allow http(s) image URLs (off: nothing touches the network)")
-    _add_model_flags(run)
+    add_model_flags(run)
 
     info = sub.add_parser("info", help="show llama.cpp backends, settings and paths")
-    _add_model_flags(info)
+    add_model_flags(info)
 
     ev = sub.add_parser("eval", help="exact-match accuracy on the shipped model's shapes world")
     ev.add_argument("--scenes", type=int, default=100,
@@ -83,12 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=7, help="seed of the evaluation images")
     ev.add_argument("--variants", default="png",
                     help="comma list of png,jpeg70,640x360,300x500 (default: png)")
-    _add_model_flags(ev)
+    add_model_flags(ev)
 
     for name, module in _PLUGINS.items():
         mod = _plugin(module)
         if mod is not None:
-            mod.add_parser(sub, _add_model_flags)
+            mod.add_parser(sub, add_model_flags)
             _COMMANDS.setdefault(name, mod.main)
     return parser
 
@@ -123,14 +100,10 @@ def _command(name: str) -> Callable[[Handler], Handler]:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from edge_vlm.api import VLM
-    from edge_vlm.config import load_settings
-    from edge_vlm.loader import load_model
+    from edge_vlm.api import load
+    from edge_vlm.flags import settings_from_flags
 
-    settings = load_settings(model_overrides(args))
-    loaded = load_model(args.model or settings.model.default, args.mmproj or settings.model.mmproj,
-                        settings)
-    return VLM(loaded, settings)
+    return load(args.model, args.mmproj, settings=settings_from_flags(args))
 
 
 def _image_url(value: str) -> str:
@@ -161,6 +134,8 @@ def _run(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
         "stop": args.stop}.items() if v is not None}
 
+    from edge_vlm.stats import summary_line
+
     with _load(args) as vlm:
         if args.json:
             reply = vlm.chat(messages, **fields)
@@ -177,38 +152,20 @@ def _run(args: argparse.Namespace) -> int:
                     stats = chunk.timings
             sys.stdout.write("\n")
         if args.stats and stats is not None:
-            print(format_stats(stats), file=sys.stderr)
+            print(summary_line(stats), file=sys.stderr)
     return 0
-
-
-def format_stats(s: Any) -> str:
-    """One human line of generation stats."""
-    parts = [
-        f"ttft {s.ttft_ms:.0f} ms",
-        f"prompt {s.prompt_tokens} tok ({s.image_tokens} image, {s.prompt_tokens_reused} reused)"
-        f" in {s.prompt_eval_ms:.0f} ms",
-        f"image decode {s.image_decode_ms:.0f} ms, encode {s.image_encode_ms:.0f} ms",
-        f"{s.completion_tokens} tok at {s.decode_tps:.1f} tok/s",
-        f"context {s.context_used}/{s.n_ctx}",
-        f"peak rss {s.peak_rss_mb:.0f} MiB",
-    ]
-    for i, im in enumerate(s.images):
-        tiles = f"{im.tiles} tile{'s' if im.tiles != 1 else ''} ({im.encoded} encoded)"
-        parts.append(f"image {i + 1}: {im.width}x{im.height} detail {im.detail}, {tiles}, "
-                     f"{im.tokens} tok{', cached' if im.cache_hit else ''}")
-    return "stats: " + "; ".join(parts)
 
 
 @_command("info")
 def _info(args: argparse.Namespace) -> int:
     from edge_vlm.backend import system_info
-    from edge_vlm.config import config_dir, data_dir, load_settings, settings_origin
+    from edge_vlm.config import config_dir, data_dir, settings_origin
+    from edge_vlm.flags import settings_from_flags
     from edge_vlm.loader import default_threads
-    from edge_vlm.resolve import shipped_model_dir
+    from edge_vlm.shipped import shipped_model_dir
 
-    overrides = model_overrides(args)
-    settings = load_settings(overrides)
-    origin = settings_origin(overrides)
+    settings = settings_from_flags(args)
+    origin = settings_origin(model_overrides(args))
     sysinfo = system_info()
     print(f"edge-vlm {__version__} (llama-cpp-python {sysinfo['llama_cpp_python']})")
     print(f"llama.cpp: {sysinfo['system_info']}")

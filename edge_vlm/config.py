@@ -8,14 +8,17 @@ import time.
 
 from __future__ import annotations
 
+import difflib
 import os
+import tomllib
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,11 +30,20 @@ from edge_vlm.errors import ConfigError
 
 APP_NAME = "edge-vlm"
 ENV_PREFIX = "EDGE_VLM_"
+NON_SETTING_VARS = frozenset({"EDGE_VLM_HOME", "EDGE_VLM_CONFIG"})
+"""``EDGE_VLM_*`` variables that are not settings (read by :func:`data_dir` and
+:func:`default_config_file`); every other one must name a setting."""
 
 _toml_file: ContextVar[Path | None] = ContextVar("edge_vlm_toml_file", default=None)
 
 
-class ModelSettings(BaseModel):
+class _Section(BaseModel):
+    """A settings section: an unknown key is an error (a typo must not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Section):
     """Which model to load."""
 
     default: str = "default"
@@ -40,7 +52,7 @@ class ModelSettings(BaseModel):
     """mmproj GGUF for a model given as a path (store models know their own)."""
 
 
-class RuntimeSettings(BaseModel):
+class RuntimeSettings(_Section):
     """llama.cpp context and hardware."""
 
     n_ctx: int | None = Field(default=None, ge=64)
@@ -62,7 +74,7 @@ class RuntimeSettings(BaseModel):
     """Show llama.cpp's own log lines on stderr."""
 
 
-class ImageSettings(BaseModel):
+class ImageSettings(_Section):
     """How images are read."""
 
     allow_remote: bool = False
@@ -86,7 +98,7 @@ class ImageSettings(BaseModel):
     """Most tiles per image for ``auto`` (tokens = tiles x tokens per tile)."""
 
 
-class SamplingSettings(BaseModel):
+class SamplingSettings(_Section):
     """Defaults for requests that do not set these fields."""
 
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
@@ -98,7 +110,7 @@ class SamplingSettings(BaseModel):
     max_tokens: int = Field(default=512, ge=1)
 
 
-class CacheSettings(BaseModel):
+class CacheSettings(_Section):
     """Reuse of earlier work."""
 
     prefix_reuse: bool = True
@@ -112,7 +124,7 @@ class CacheSettings(BaseModel):
     """Folder of the on-disk cache (None: ``embeddings`` in the platform cache dir)."""
 
 
-class ServerSettings(BaseModel):
+class ServerSettings(_Section):
     """``edge-vlm serve``: the local chat-completion API."""
 
     host: str = "127.0.0.1"
@@ -157,7 +169,7 @@ class ServerSettings(BaseModel):
     """Start loading the default model when the server starts (else on first request)."""
 
 
-class TuiSettings(BaseModel):
+class TuiSettings(_Section):
     """``edge-vlm chat``: the terminal app."""
 
     theme: str = "textual-dark"
@@ -172,7 +184,7 @@ class TuiSettings(BaseModel):
     """Thumbnail height in terminal rows."""
 
 
-class StoreSettings(BaseModel):
+class StoreSettings(_Section):
     """The model store (under ``EDGE_VLM_HOME`` or the platform data dir)."""
 
     verify_on_load: bool = False
@@ -193,7 +205,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
-        extra="ignore",
+        extra="forbid",
         validate_default=True,
     )
 
@@ -220,6 +232,35 @@ class Settings(BaseSettings):
         if toml is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
         return tuple(sources)
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None = None, *,
+                       source: str = "the arguments") -> Settings:
+        """A copy with some settings replaced (the settings themselves are not changed).
+
+        This is the one way every front end applies what its caller said (keyword
+        arguments of :func:`edge_vlm.load`, command-line flags) on top of settings it was
+        given. Neither the environment nor the settings file is read again.
+
+        Args:
+            overrides: Dotted keys (``{"runtime.threads": 4}``) or nested dicts. ``None``
+                means "not given" and keeps the current value; ``False`` and ``0`` are
+                values like any other.
+            source: Where the overrides came from, for error messages.
+
+        Raises:
+            ConfigError: an unknown key (naming it and the closest valid one) or an
+                invalid value (naming the key and the value).
+        """
+        nested = _nest(dict(overrides or {}))
+        if not nested:
+            return self
+        data = _merge(self.model_dump(), nested)
+        try:
+            # model_validate, not the constructor: the constructor would read the
+            # environment and the file again, under values the caller already chose.
+            return type(self).model_validate(data)
+        except ValidationError as err:
+            raise _config_error(err, lambda key: source) from None
 
 
 @dataclass
@@ -264,8 +305,81 @@ def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
         cur = nested
         for part in parts[:-1]:
             cur = cur.setdefault(part, {})
-        cur[parts[-1]] = value
+        if isinstance(value, Mapping) and isinstance(cur.get(parts[-1]), dict):
+            cur[parts[-1]] = _merge(cur[parts[-1]], _nest(dict(value)))
+        else:
+            cur[parts[-1]] = _nest(dict(value)) if isinstance(value, Mapping) else value
     return nested
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` laid over ``base``, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def setting_keys() -> list[str]:
+    """Every setting's dotted name (``runtime.threads``, ...)."""
+    return [f"{section}.{name}"
+            for section, info in Settings.model_fields.items()
+            for name in (info.annotation.model_fields if isinstance(info.annotation, type)
+                         and issubclass(info.annotation, BaseModel) else {})]
+
+
+def env_var(key: str) -> str:
+    """The environment variable of a dotted setting name (``EDGE_VLM_RUNTIME__THREADS``)."""
+    return ENV_PREFIX + key.upper().replace(".", "__")
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _in_nested(data: Any, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _config_error(err: ValidationError, where: Any) -> ConfigError:
+    """One message for the first problem: the key, what is wrong, where it came from."""
+    first = err.errors(include_url=False)[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        names = setting_keys() if "." in key else list(Settings.model_fields)
+        return ConfigError(
+            f"unknown setting '{key}' in {where(key)}{_did_you_mean(key, names)}; "
+            "`edge-vlm info` lists every setting")
+    return ConfigError(
+        f"setting '{key}': {first['msg']} (got {first.get('input')!r}) in {where(key)}")
+
+
+def _check_environment() -> None:
+    """Refuse an ``EDGE_VLM_*`` variable that names no setting.
+
+    pydantic-settings ignores a variable whose first part is no section
+    (``EDGE_VLM_THREADS``); unknown keys inside a section are refused by the section.
+    """
+    known = [env_var(k) for k in setting_keys()]
+    sections = {name.upper() for name in Settings.model_fields}
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NON_SETTING_VARS:
+            continue
+        if upper.removeprefix(ENV_PREFIX).split("__")[0] not in sections:
+            hint = _did_you_mean(upper, known + sorted(NON_SETTING_VARS))
+            raise ConfigError(
+                f"unknown setting variable {name} in the environment{hint}; unset it, or "
+                "see `edge-vlm info` for every setting (variables are "
+                "EDGE_VLM_<SECTION>__<KEY>)")
 
 
 def load_settings(
@@ -275,28 +389,45 @@ def load_settings(
 
     Args:
         overrides: Highest-precedence values (CLI flags), as dotted keys
-            (``{"runtime.threads": 4}``) or nested dicts; None values are ignored.
+            (``{"runtime.threads": 4}``) or nested dicts; None values are ignored, as in
+            :meth:`Settings.with_overrides`.
         config_file: The TOML file to read instead of :func:`default_config_file`.
 
     Raises:
-        ConfigError: naming the invalid setting and where it came from.
+        ConfigError: naming the invalid or unknown setting and where it came from.
     """
     path = config_file or default_config_file()
+    _check_environment()
     token = _toml_file.set(path if path.is_file() else None)
     try:
-        return Settings(**_nest(overrides or {}))
+        settings = Settings()
     except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(
-            f"setting '{key}': {first['msg']} (got {first.get('input')!r}); "
-            f"check {path if path.is_file() else 'the environment'}, "
-            f"EDGE_VLM_{key.upper().replace('.', '__')} and the command-line flags"
-        ) from None
+        raise _config_error(err, lambda key: _origin(key, path)) from None
     except (OSError, ValueError) as err:  # a TOML syntax error surfaces as ValueError
         raise ConfigError(f"cannot read settings file {path}: {err}") from None
     finally:
         _toml_file.reset(token)
+    return settings.with_overrides(overrides, source="the command-line flags or arguments")
+
+
+def _origin(key: str, path: Path) -> str:
+    """Where a setting's value came from: a variable or the file."""
+    wanted = env_var(key)
+    for name in os.environ:
+        if name.upper() == wanted or (name.upper().startswith(wanted + "__")):
+            return f"the environment variable {name}"
+    section = env_var(key.split(".")[0])
+    for name in os.environ:
+        if name.upper() == section:
+            return f"the environment variable {name}"
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = {}
+        if _in_nested(data, key):
+            return f"the settings file {path}"
+    return f"the settings file {path} or the environment"
 
 
 def settings_origin(overrides: dict[str, Any] | None = None) -> SettingsOrigin:

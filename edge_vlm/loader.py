@@ -13,6 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_vlm.config import Settings, cache_dir
 from edge_vlm.diskcache import DiskEmbeddingCache
@@ -28,6 +29,9 @@ from edge_vlm.gguf.validate import (
 )
 from edge_vlm.resolve import ModelRef, resolve_model
 from edge_vlm.template import ChatTemplate
+
+if TYPE_CHECKING:
+    from edge_vlm.store.store import Store
 
 #: Longest side handed to the encoder when the mmproj gives no better figure.
 FALLBACK_MAX_SIDE = 2048
@@ -155,8 +159,17 @@ def inspect_pair(ref: ModelRef) -> ModelInfo:
     )
 
 
-def file_fingerprint(path: Path) -> str:
-    """A cheap identity of a large file: size, mtime and hashes of its head and tail."""
+def file_fingerprint(path: Path, sha256: str = "") -> str:
+    """The identity of a large file, for keys of caches and results.
+
+    Args:
+        path: The file.
+        sha256: Its sha256 when known (a store blob's, from the manifest): then that is
+            the identity, the same wherever the file is. Else a cheap one: path, size,
+            mtime and hashes of the file's head and tail.
+    """
+    if sha256:
+        return sha256[:32]
     st = path.stat()
     h = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     with path.open("rb") as f:
@@ -201,33 +214,28 @@ def _disk_cache(settings: Settings) -> DiskEmbeddingCache | None:
     return DiskEmbeddingCache(folder, c.disk_cache_mb * 1024 * 1024)
 
 
-def _check_pair(ref: ModelRef, settings: Settings) -> None:
-    """Before the in-process load: a one-time load of an unknown pair in a child process
-    (so a llama.cpp crash is reported, not suffered), and a warning when it won't fit."""
-    from edge_vlm.store.memory import memory_warning
-    from edge_vlm.store.probe import ensure_checked
-
-    if settings.store.check_load:
-        ensure_checked(ref.model, ref.mmproj, timeout=settings.store.check_load_timeout_s)
-    warning = memory_warning(ref.model, ref.mmproj, settings)
-    if warning:
-        warnings.warn(warning, stacklevel=3)
-
-
 def load_model(name: str | Path | None, mmproj: str | Path | None,
-               settings: Settings) -> LoadedModel:
+               settings: Settings, store: Store | None = None) -> LoadedModel:
     """Resolve, validate and load a model pair.
+
+    Args:
+        name: ``default``, a store name or a GGUF path.
+        mmproj: The vision projector of a model given as a path.
+        settings: The settings (read here, not again below).
+        store: The model store (default: opened from ``settings``).
 
     Raises:
         ModelNotFoundError, ModelLoadError, ModelMismatchError: with what to do.
     """
     from edge_vlm.backend import Backend, BackendConfig, supports_gpu_offload
+    from edge_vlm.preflight import check_before_load, open_store
 
-    ref = resolve_model(name, mmproj)
+    store = store if store is not None else open_store(settings)
+    ref = resolve_model(name, mmproj, store=store)
     rt = settings.runtime
     gpu = rt.gpu == "on" or (rt.gpu == "auto" and supports_gpu_offload())
     info = dataclasses.replace(inspect_pair(ref), gpu=gpu)
-    _check_pair(ref, settings)
+    check_before_load(ref, settings, store)
     images = settings.images
     # The vision context made at load serves the default detail; others are made on use.
     default_budget = info.image_token_budget(images.detail, images.max_image_tokens,
@@ -259,7 +267,7 @@ def load_model(name: str | Path | None, mmproj: str | Path | None,
             )
         engine = Engine(
             backend,
-            mmproj_fingerprint=file_fingerprint(ref.mmproj),
+            mmproj_fingerprint=file_fingerprint(ref.mmproj, ref.mmproj_sha256),
             embedding_cache_bytes=settings.cache.embedding_cache_mb * 1024 * 1024,
             prefix_reuse=settings.cache.prefix_reuse,
             disk_cache=_disk_cache(settings),

@@ -4,46 +4,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from edge_vlm import shipped
 from edge_vlm.errors import ModelNotFoundError
+from edge_vlm.shipped import (
+    DEFAULT_NAMES,
+    SHIPPED_MMPROJ_FILE,
+    SHIPPED_MODEL,
+    SHIPPED_MODEL_FILE,
+    models_root,
+    samples_dir,
+    shipped_model_dir,
+)
 
-#: The shipped model's folder name under ``models/`` (repo) or ``edge_vlm/_models`` (wheel).
-SHIPPED_MODEL = "shapes-vlm"
-SHIPPED_MODEL_FILE = "model-q8_0.gguf"
-SHIPPED_MMPROJ_FILE = "mmproj-f16.gguf"
-DEFAULT_NAMES = {"default", SHIPPED_MODEL}
+if TYPE_CHECKING:
+    from edge_vlm.store.store import Store
+
+
+# The shipped model's names and folders live in the leaf module edge_vlm.shipped (the
+# store needs them too); they stay importable from here.
+__all__ = ["DEFAULT_NAMES", "SHIPPED_MMPROJ_FILE", "SHIPPED_MODEL", "SHIPPED_MODEL_FILE",
+           "ModelRef", "find_mmproj", "models_root", "resolve_model", "samples_dir",
+           "shipped_model_dir"]
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A resolved model: a display name and its two files."""
+    """A resolved model: a display name and its two files.
+
+    Attributes:
+        name: The name shown and reported (``model`` of responses).
+        model: The language-model GGUF.
+        mmproj: The vision projector GGUF.
+        model_sha256: The model file's sha256 when the store holds it as a blob (its
+            content cannot change under that name), else "".
+        mmproj_sha256: The same for the mmproj.
+    """
 
     name: str
     model: Path
     mmproj: Path
-
-
-def models_root() -> Path:
-    """Where the shipped models are: inside the wheel, or ``models/`` of a source checkout."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "_models", package.parent / "models"):
-        if (candidate / SHIPPED_MODEL).is_dir():
-            return candidate
-    return package.parent / "models"
-
-
-def shipped_model_dir() -> Path:
-    """The shipped default model's folder."""
-    return models_root() / SHIPPED_MODEL
-
-
-def samples_dir() -> Path:
-    """Sample images that come with the shipped model."""
-    return shipped_model_dir() / "samples"
+    model_sha256: str = ""
+    mmproj_sha256: str = ""
 
 
 def _shipped(quant_file: str = SHIPPED_MODEL_FILE) -> ModelRef:
-    folder = shipped_model_dir()
+    folder = shipped.shipped_model_dir()
     model, mmproj = folder / quant_file, folder / SHIPPED_MMPROJ_FILE
     if not model.is_file() or not mmproj.is_file():
         raise ModelNotFoundError(
@@ -69,12 +76,15 @@ def find_mmproj(model: Path) -> Path:
     )
 
 
-def resolve_model(name: str | Path | None, mmproj: str | Path | None = None) -> ModelRef:
+def resolve_model(name: str | Path | None, mmproj: str | Path | None = None, *,
+                  store: Store | None = None) -> ModelRef:
     """Resolve a model name or path to its files.
 
     Args:
         name: ``None``/``default`` for the shipped model, a GGUF path, or a model name.
         mmproj: The mmproj path (required for a path unless one lies beside it).
+        store: Where names are looked up (the front end opens it from its settings with
+            :func:`edge_vlm.preflight.open_store`; None: the default store, default options).
 
     Raises:
         ModelNotFoundError: with what to do instead.
@@ -94,7 +104,7 @@ def resolve_model(name: str | Path | None, mmproj: str | Path | None = None) -> 
         if not proj.is_file():
             raise ModelNotFoundError(f"mmproj file '{proj}' does not exist")
         return ModelRef(path.stem, path, proj)
-    store_ref = _resolve_from_store(text)
+    store_ref = _resolve_from_store(text, store)
     if store_ref is not None:
         return store_ref
     raise ModelNotFoundError(
@@ -103,14 +113,21 @@ def resolve_model(name: str | Path | None, mmproj: str | Path | None = None) -> 
     )
 
 
-def _resolve_from_store(name: str) -> ModelRef | None:
+def _resolve_from_store(name: str, store: Store | None) -> ModelRef | None:
     """Look a name up in the model store, when the store module is present."""
     try:
-        from edge_vlm.store import lookup  # the store resolves its own names
+        from edge_vlm.store.manifest import ROLE_MMPROJ, ROLE_MODEL
+        from edge_vlm.store.store import Store
     except ImportError:
         return None
-    found = lookup(name)
+    store = store or Store.default()
+    found = store.lookup_manifest(name)
     if found is None:
         return None
-    model, mmproj = found
-    return ModelRef(name, model, mmproj)
+    model, mmproj = store.paths(found)
+    model_entry, mmproj_entry = found.file(ROLE_MODEL), found.file(ROLE_MMPROJ)
+    # A blob's name is its sha256: the identity holds as long as the file does. A file
+    # referenced in place may be edited, so it gets no recorded identity.
+    return ModelRef(name, model, mmproj,
+                    model_sha256="" if model_entry.path else model_entry.sha256,
+                    mmproj_sha256="" if mmproj_entry.path else mmproj_entry.sha256)

@@ -181,7 +181,7 @@ def test_verify_reports_changed_and_missing_blobs(home, pair, capsys) -> None:
 
 def test_shipped_model_is_listed_and_cannot_be_removed(home, pair, tmp_path, monkeypatch,
                                                        capsys) -> None:
-    import edge_vlm.resolve as resolve
+    import edge_vlm.shipped as resolve
 
     shipped = tmp_path / "shapes-vlm"
     shipped.mkdir()
@@ -355,7 +355,7 @@ def test_llama_cpp_crash_in_the_child_is_reported_and_we_live_on(home, pair, tmp
 
 
 def test_ensure_checked_loads_an_unknown_pair_once(home, pair, monkeypatch) -> None:
-    from edge_vlm.store import probe
+    from edge_vlm.preflight import probe
 
     calls: list[tuple[Path, Path]] = []
     real = probe.probe_pair
@@ -365,11 +365,12 @@ def test_ensure_checked_loads_an_unknown_pair_once(home, pair, monkeypatch) -> N
         return real(model, mmproj, **kw)
 
     monkeypatch.setattr(probe, "probe_pair", recording)
-    probe.ensure_checked(pair.model, pair.mmproj)
-    probe.ensure_checked(pair.model, pair.mmproj)
+    store = Store.default()
+    probe.ensure_checked(pair.model, pair.mmproj, store)
+    probe.ensure_checked(pair.model, pair.mmproj, store)
     assert len(calls) == 1
     os.utime(pair.model, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed
-    probe.ensure_checked(pair.model, pair.mmproj)
+    probe.ensure_checked(pair.model, pair.mmproj, store)
     assert len(calls) == 2
 
 

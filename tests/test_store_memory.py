@@ -10,7 +10,7 @@ import pytest
 
 def test_estimate_verdicts_and_largest_context() -> None:
     from edge_vlm.store.manifest import ModelFacts
-    from edge_vlm.store.memory import estimate
+    from edge_vlm.preflight.memory import estimate
 
     facts = ModelFacts(n_layer=30, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64,
                        n_vocab=49152, embedding_width=576, n_ff=1536, context_length=8192,
@@ -33,16 +33,18 @@ def test_estimate_verdicts_and_largest_context() -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="peak RSS read from /proc/self/status")
 def test_estimate_is_within_20_percent_of_measured_peak_rss(home, pair) -> None:
-    from edge_vlm.store.memcheck import measure
+    from edge_vlm.preflight.memcheck import measure
 
     result = measure(pair.model, pair.mmproj, n_ctx=1024, image_side=64)
     assert abs(result["error_pct"]) <= 20, result
 
 
 def test_memory_warning_only_when_it_will_not_fit(pair, monkeypatch) -> None:
-    from edge_vlm.store import memory
+    from edge_vlm.config import load_settings
+    from edge_vlm.preflight import memory
 
-    assert memory.memory_warning(pair.model, pair.mmproj) is None
+    settings = load_settings()
+    assert memory.memory_warning(pair.model, pair.mmproj, settings) is None
     monkeypatch.setattr(memory, "_available", lambda: 50 * 2**20)
-    warning = memory.memory_warning(pair.model, pair.mmproj)
+    warning = memory.memory_warning(pair.model, pair.mmproj, settings)
     assert warning is not None and "tiny-model.gguf" in warning and "available" in warning

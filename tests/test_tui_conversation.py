@@ -24,7 +24,7 @@ from edge_vlm.tui.commands import COMMANDS, parse_command, unescape_message
 from edge_vlm.tui.conversation import Conversation, ConversationError, ConversationStore
 from edge_vlm.tui.paths import complete_path, last_word_start, parse_pasted_paths
 from edge_vlm.tui.safetext import visible
-from edge_vlm.tui.session import format_stats
+from edge_vlm.stats import short_line as format_stats
 from tests.conftest import draw
 
 # -- conversations ------------------------------------------------------------------------
@@ -358,3 +358,39 @@ def test_stats_line():
     one = stats.model_copy(update={"images": [
         ImageStats(identity="a", width=1, height=1, detail="high", tiles=5, tokens=320)]})
     assert "image 35 ms (high, 5 tiles, 320 tok)" in format_stats(one)
+
+
+def test_slash_commands_say_what_to_do_without_a_screen(tmp_path):
+    from edge_vlm.tui.screens.slash import (
+        Attach,
+        ChangeOptions,
+        Detach,
+        Export,
+        Open,
+        interpret,
+    )
+    from edge_vlm.tui.session import ChatOptions
+
+    opts = ChatOptions(model="default", mmproj=None, system="", temperature=0.0, max_tokens=64)
+
+    def run(name: str, args: str = "", attached: int = 0):  # type: ignore[no-untyped-def]
+        return interpret(name, args, cwd=tmp_path, options=opts, attached=attached)
+
+    assert run("image", '"a b.png" c.png') == Attach([tmp_path / "a b.png", tmp_path / "c.png"])
+    assert run("image") == Attach(None)
+    assert run("detach", "2", attached=2) == Detach(2)
+    with pytest.raises(ValueError, match="there is no image 3 \\(2 attached\\)"):
+        run("detach", "3", attached=2)
+    assert run("export") == Export(tmp_path)
+    cleared = run("system", "-")
+    assert isinstance(cleared, ChangeOptions) and cleared.options.system == ""
+    assert cleared.note == "System prompt cleared"
+    hot = run("temperature", "0.7")
+    assert isinstance(hot, ChangeOptions) and hot.options.temperature == 0.7
+    with pytest.raises(ValueError):
+        run("temperature", "9")
+    model = run("model", "m.gguf p.gguf")
+    assert isinstance(model, ChangeOptions)
+    assert (model.options.model, model.options.mmproj) == (str(tmp_path / "m.gguf"),
+                                                           str(tmp_path / "p.gguf"))
+    assert run("quit") == Open("quit") and run("model") == Open("settings")

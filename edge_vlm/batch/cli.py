@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     if not prompts and not all(item.prompts for item in items):
         raise BatchInputError("no prompt: give --prompt TEXT (repeatable), --prompts-file FILE, "
                               "or a prompt column in a manifest")
-    from edge_vlm.cli import model_overrides
+    from edge_vlm.flags import model_overrides
 
     settings = load_settings(model_overrides(args))
 

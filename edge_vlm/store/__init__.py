@@ -7,12 +7,22 @@ Importing this package is cheap: no llama_cpp, no huggingface_hub, no rich.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_vlm.store.store import Store
 
 __all__ = ["lookup"]
 
 
-def lookup(name: str) -> tuple[Path, Path] | None:
+def lookup(name: str, store: Store | None = None) -> tuple[Path, Path] | None:
     """(model, mmproj) paths of an installed model, marking it used; None if not installed.
+
+    Args:
+        name: The model's store name.
+        store: The store to look in (front ends pass the one
+            :func:`edge_vlm.preflight.open_store` made from their settings; None: the
+            default store with default options).
 
     Raises:
         ModelNotFoundError: the name is in the catalog but not installed (says how to get
@@ -20,4 +30,4 @@ def lookup(name: str) -> tuple[Path, Path] | None:
     """
     from edge_vlm.store.store import Store
 
-    return Store.default().lookup(name)
+    return (store or Store.default()).lookup(name)

@@ -102,7 +102,7 @@ class Catalog:
 
 def shipped_catalog_path() -> Path:
     """``models/catalog.toml`` of a source checkout, or ``_models`` inside the wheel."""
-    from edge_vlm.resolve import models_root
+    from edge_vlm.shipped import models_root
 
     package = Path(__file__).resolve().parent.parent
     for candidate in (models_root(), package / "_models", package.parent / "models"):

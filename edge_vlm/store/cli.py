@@ -69,17 +69,16 @@ def add_parser(subparsers: Any, add_model_flags: Callable[[argparse.ArgumentPars
 
 def main(args: argparse.Namespace) -> int:
     """Run a ``models`` action."""
-    from edge_vlm.config import load_settings
-    from edge_vlm.store.store import Store
+    from edge_vlm.flags import settings_from_flags
+    from edge_vlm.preflight import open_store
 
     action = getattr(args, "models_command", None)
     if action is None:
         print("usage: edge-vlm models {import,pull,list,show,rm,verify,catalog,gc} ...\n"
               "run `edge-vlm models --help` for details", file=sys.stderr)
         return 2
-    overrides = {"runtime.n_ctx": getattr(args, "n_ctx", None)}
-    settings = load_settings(overrides)
-    store = Store.default()
+    settings = settings_from_flags(args)
+    store = open_store(settings)
     handler: Callable[[argparse.Namespace, Store, Settings], int] = _ACTIONS[action]
     return handler(args, store, settings)
 
@@ -257,8 +256,8 @@ def _list(args: argparse.Namespace, store: Store, settings: Settings) -> int:
 def _show(args: argparse.Namespace, store: Store, settings: Settings) -> int:
     from dataclasses import asdict
 
+    from edge_vlm.preflight.memory import estimate
     from edge_vlm.store.manifest import human_count, human_size
-    from edge_vlm.store.memory import estimate
 
     m = store.get(args.name)
     model_path, mmproj_path = store.paths(m)
@@ -380,9 +379,9 @@ def _verify(args: argparse.Namespace, store: Store, settings: Settings) -> int:
 
 
 def _catalog(args: argparse.Namespace, store: Store, settings: Settings) -> int:
+    from edge_vlm.preflight.memory import estimate_catalog
     from edge_vlm.store.catalog import load_catalog
     from edge_vlm.store.manifest import human_size
-    from edge_vlm.store.memory import estimate_catalog
 
     catalog = load_catalog(settings.store.catalog_file)
     installed = {m.name for m in store.installed()[0]}

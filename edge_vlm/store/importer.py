@@ -22,6 +22,7 @@ from edge_vlm.gguf.validate import (
     validate_mmproj,
     validate_text_model,
 )
+from edge_vlm.shipped import DEFAULT_NAMES
 from edge_vlm.store.fsutil import ProgressSink, StagedFile, hash_file
 from edge_vlm.store.manifest import (
     ROLE_MMPROJ,
@@ -143,7 +144,8 @@ def import_pair(
         mmproj: Vision projector GGUF.
         name: Store name (default: from the model file name).
         link: How the files get into the store (see :data:`LinkMode`).
-        check_load: Load the pair once in a child process before registering.
+        check_load: Load the pair once in a child process before registering (with
+            ``store.load_check``).
         check_timeout: Seconds the child may take.
         progress: Receives copy / hash progress.
         source: Recorded as the manifest's ``source`` (default: an import record).
@@ -156,8 +158,6 @@ def import_pair(
     Raises:
         StoreError, ModelLoadError, ModelMismatchError: nothing was installed.
     """
-    from edge_vlm.resolve import DEFAULT_NAMES
-
     src = {ROLE_MODEL: _source_file(model, "model"), ROLE_MMPROJ: _source_file(mmproj, "mmproj")}
     shown = (str(model), str(mmproj))
     info, proj = check_pair(src[ROLE_MODEL], src[ROLE_MMPROJ], shown)
@@ -214,10 +214,12 @@ def import_pair(
             raise StoreError(f"the files changed while they were imported: {err}") from None
         validated = None
         if check_load:
-            from edge_vlm.store.probe import probe_pair
-
-            result = probe_pair(stored[ROLE_MODEL], stored[ROLE_MMPROJ],
-                                timeout=check_timeout, names=shown)
+            if store.load_check is None:
+                raise StoreError(
+                    "this store was opened without a load check: open it with "
+                    "edge_vlm.preflight.open_store(settings), or pass check_load=False")
+            result = store.load_check(stored[ROLE_MODEL], stored[ROLE_MMPROJ],
+                                      timeout=check_timeout, names=shown)
             validated = asdict(result)
         manifest = Manifest(
             name=final,

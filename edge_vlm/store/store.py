@@ -20,10 +20,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
+from edge_vlm import shipped as _shipped
 from edge_vlm.config import data_dir
 from edge_vlm.errors import ModelNotFoundError, StoreError
 from edge_vlm.fileio import fsync_dir
+from edge_vlm.shipped import DEFAULT_NAMES, SHIPPED_MMPROJ_FILE, SHIPPED_MODEL, SHIPPED_MODEL_FILE
 from edge_vlm.store.fsutil import (
     LOCK_TIMEOUT_S,
     ProgressSink,
@@ -65,19 +68,47 @@ class VerifyResult:
     detail: str = ""
 
 
-class Store:
-    """The model store rooted at ``root`` (default: ``data_dir()/models``)."""
+class LoadCheck(Protocol):
+    """Loads a pair once where a crash cannot hurt (the runtime's child-process check,
+    :func:`edge_vlm.preflight.probe.probe_pair`); returns what it measured."""
 
-    def __init__(self, root: Path) -> None:
+    def __call__(self, model: Path, mmproj: Path, *, timeout: float,
+                 names: tuple[str, str] | None = None) -> Any: ...
+
+
+class Store:
+    """The model store rooted at ``root``.
+
+    The front ends open it from the settings with :func:`edge_vlm.preflight.open_store`
+    and pass it down; the store itself reads no settings.
+
+    Args:
+        root: The store's folder (``data_dir()/models``).
+        verify_on_load: Re-hash a model's files when it is looked up for loading.
+        catalog_file: An extra catalog TOML, for the "pull it" hint of a missing name.
+        load_check: Check-loads a pair before it is installed (None: installing with
+            ``check_load`` is refused).
+        check_load_timeout_s: Longest that check may take.
+    """
+
+    def __init__(self, root: Path, *, verify_on_load: bool = False,
+                 catalog_file: str | None = None, load_check: LoadCheck | None = None,
+                 check_load_timeout_s: float = 600.0) -> None:
         self.root = root
         self.blobs = root / "blobs"
         self.manifests = root / "manifests"
         self.tmp = root / "tmp"
         self.lock_path = root / ".lock"
+        self.verify_on_load = verify_on_load
+        self.catalog_file = catalog_file
+        self.load_check = load_check
+        self.check_load_timeout_s = check_load_timeout_s
 
     @classmethod
     def default(cls) -> Store:
-        """The store of this user (``EDGE_VLM_HOME`` or the platform data dir)."""
+        """The store of this user (``EDGE_VLM_HOME`` or the platform data dir) with default
+        options and no load check (use :func:`edge_vlm.preflight.open_store` to honour
+        ``settings.store``)."""
         return cls(data_dir() / "models")
 
     # -- paths ----------------------------------------------------------------------------
@@ -140,8 +171,6 @@ class Store:
 
     def find(self, name: str) -> Manifest | None:
         """An installed model, or the shipped one by its name or ``default``."""
-        from edge_vlm.resolve import DEFAULT_NAMES
-
         norm = name.strip().lower()
         if norm in DEFAULT_NAMES:
             return self.shipped()
@@ -159,7 +188,7 @@ class Store:
         """
         m = self.find(name)
         if m is None:
-            raise ModelNotFoundError(_not_installed(name))
+            raise ModelNotFoundError(_not_installed(name, self.catalog_file))
         return m
 
     def installed(self) -> tuple[list[Manifest], list[str]]:
@@ -174,18 +203,16 @@ class Store:
                     problems.append(str(err))
         return models, problems
 
+    def names(self) -> list[str]:
+        """Names of the installed models, sorted (unreadable manifests left out)."""
+        return sorted({m.name for m in self.installed()[0]})
+
     def shipped(self) -> Manifest | None:
         """The shipped default model as a manifest (not stored; None if absent)."""
         from edge_vlm.gguf.reader import read_gguf
-        from edge_vlm.resolve import (
-            SHIPPED_MMPROJ_FILE,
-            SHIPPED_MODEL,
-            SHIPPED_MODEL_FILE,
-            shipped_model_dir,
-        )
         from edge_vlm.store.manifest import facts_from
 
-        folder = shipped_model_dir()
+        folder = _shipped.shipped_model_dir()
         model, mmproj = folder / SHIPPED_MODEL_FILE, folder / SHIPPED_MMPROJ_FILE
         if not model.is_file() or not mmproj.is_file():
             return None
@@ -211,26 +238,31 @@ class Store:
         Raises:
             ModelNotFoundError: the name is a catalog model that is not installed, or a
                 file of the model went missing.
-            StoreError: ``store.verify_on_load`` is set and a file changed.
+            StoreError: ``verify_on_load`` is set and a file changed.
         """
+        found = self.lookup_manifest(name)
+        return None if found is None else self.paths(found)
+
+    def lookup_manifest(self, name: str) -> Manifest | None:
+        """Like :meth:`lookup`, returning the manifest (its files' sha256 included)."""
         try:
             norm = check_name(name)
         except StoreError:
             return None
         m = self.find_installed(norm)
         if m is None:
-            hint = _catalog_hint(norm)
+            hint = _catalog_hint(norm, self.catalog_file)
             if hint:
                 raise ModelNotFoundError(hint)
             return None
-        paths = self.paths(m)
-        if _verify_on_load():
+        self.paths(m)  # both files are there, or say which is not
+        if self.verify_on_load:
             bad = [r for r in self.verify([m.name]) if r.status != "ok"]
             if bad:
                 raise StoreError(f"model '{m.name}': {bad[0].role} file {bad[0].path} "
                                  f"{bad[0].status} ({bad[0].detail}); re-import it")
         self.touch(norm)
-        return paths
+        return m
 
     def touch(self, name: str) -> None:
         """Record that a model was used now (skipped if the store is busy or read-only)."""
@@ -287,8 +319,6 @@ class Store:
             ModelNotFoundError: no such model.
             StoreError: it is the shipped model.
         """
-        from edge_vlm.resolve import DEFAULT_NAMES
-
         if name.strip().lower() in DEFAULT_NAMES:
             raise StoreInputError(
                 f"'{name}' is the model shipped with edge-vlm: it cannot be removed")
@@ -296,7 +326,7 @@ class Store:
         with self.lock():
             path = self.manifest_path(norm)
             if not path.is_file():
-                raise ModelNotFoundError(_not_installed(name))
+                raise ModelNotFoundError(_not_installed(name, self.catalog_file))
             path.unlink()
             fsync_dir(self.manifests)
             return self._collect_garbage()
@@ -385,18 +415,19 @@ def _name_taken(existing: Manifest) -> str:
     )
 
 
-def _not_installed(name: str) -> str:
-    return _catalog_hint(name) or (
+def _not_installed(name: str, catalog_file: str | None) -> str:
+    return _catalog_hint(name, catalog_file) or (
         f"no model named '{name}' is installed (see edge-vlm models list); "
         "install one with edge-vlm models import MODEL.gguf --mmproj MMPROJ.gguf"
     )
 
 
-def _catalog_hint(name: str) -> str:
+def _catalog_hint(name: str, catalog_file: str | None) -> str:
     try:
         from edge_vlm.store.catalog import load_catalog
 
-        entry = load_catalog().get(name)
+        # "" rather than None: None would make load_catalog read the settings itself
+        entry = load_catalog(catalog_file or "").get(name)
     except Exception:  # the hint is a courtesy: a catalog problem must not break lookups
         return ""
     if entry is None:
@@ -407,15 +438,6 @@ def _catalog_hint(name: str) -> str:
         f"{entry.mmproj.file} from a connected machine and run `edge-vlm models import "
         f"{entry.default_file().file} --mmproj {entry.mmproj.file} --name {name}`"
     )
-
-
-def _verify_on_load() -> bool:
-    try:
-        from edge_vlm.config import load_settings
-
-        return load_settings().store.verify_on_load
-    except Exception:  # a settings error surfaces elsewhere with its own message
-        return False
 
 
 def _read_sums(path: Path) -> dict[str, str]:

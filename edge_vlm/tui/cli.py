@@ -25,10 +25,8 @@ def add_parser(subparsers: Any, add_model_flags: Callable[[argparse.ArgumentPars
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from edge_vlm.cli import model_overrides
-
+    """The settings ``chat``'s own flags set (the shared model flags come on top)."""
     return {
-        **model_overrides(args),
         "tui.system_prompt": getattr(args, "system", None),
         "sampling.temperature": getattr(args, "temperature", None),
         "sampling.max_tokens": getattr(args, "max_tokens", None),
@@ -38,9 +36,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     """Run the app until the user quits."""
-    from edge_vlm.config import load_settings
+    from edge_vlm.flags import settings_from_flags
 
-    settings = load_settings(_overrides(args))  # a ConfigError is shown by the CLI
+    settings = settings_from_flags(args, _overrides(args))  # a ConfigError: shown by the CLI
 
     from edge_vlm.tui.app import ChatApp
 

@@ -120,41 +120,12 @@ def stream_answer(
     return end
 
 
-def format_stats(stats: GenerationStats) -> str:
-    """One short line of an answer's stats.
-
-    ``ttft 120 ms · image 35 ms (low, 1 tile, 64 tok) · 24.1 tok/s · ctx 412/4096``: the image
-    part names the detail, tiles and image tokens of a single image; several
-    images show their count and total tokens.
-    """
-    parts = [f"ttft {stats.ttft_ms:.0f} ms"]
-    if stats.images:
-        cached = sum(1 for im in stats.images if im.cache_hit)
-        if len(stats.images) == 1:
-            im = stats.images[0]
-            what = [im.detail, f"{im.tiles} tile" + ("s" if im.tiles != 1 else "")]
-        else:
-            what = [f"{len(stats.images)} images"]
-        what.append(f"{sum(im.tokens for im in stats.images)} tok")
-        if cached == len(stats.images):
-            what.append("cached")
-        elif cached:
-            what.append(f"{cached}/{len(stats.images)} cached")
-        parts.append(f"image {stats.image_encode_ms:.0f} ms ({', '.join(what)})")
-    tps = stats.decode_tps
-    parts.append(f"{tps:.0f} tok/s" if tps >= 100 else f"{tps:.1f} tok/s")
-    parts.append(f"ctx {stats.context_used}/{stats.n_ctx}")
-    return " · ".join(parts)
-
-
-def installed_models() -> list[str]:
-    """Names of the models installed in the model store (empty without a store)."""
+def installed_names(settings: Settings) -> list[str]:
+    """Names of the models installed in the model store (empty when it cannot be read: a
+    broken store must not break the settings dialog)."""
     try:
-        from edge_vlm.store.store import Store
-    except ImportError:  # an install without the store
+        from edge_vlm.preflight import open_store
+
+        return open_store(settings).names()
+    except Exception:  # an install without the store, or a store that cannot be read
         return []
-    try:
-        models, _problems = Store.default().installed()
-    except Exception:  # a broken store must not break the settings dialog
-        return []
-    return sorted({m.name for m in models})

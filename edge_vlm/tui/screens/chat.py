@@ -31,7 +31,15 @@ from edge_vlm.tui.attachments import PendingImage, probe_sources
 from edge_vlm.tui.clipboard import ClipboardImage
 from edge_vlm.tui.commands import ParsedCommand, parse_command, unescape_message
 from edge_vlm.tui.conversation import Conversation, ConversationError, ConversationStore
-from edge_vlm.tui.screens.slash import SlashCommands
+from edge_vlm.tui.screens.slash import (
+    Attach,
+    ChangeOptions,
+    Detach,
+    Export,
+    Open,
+    SlashAction,
+    interpret,
+)
 from edge_vlm.tui.session import AnswerEnd, ChatModel, ChatOptions, Loader, stream_answer
 from edge_vlm.tui.widgets.chips import AttachmentBar
 from edge_vlm.tui.widgets.prompt import PromptInput
@@ -447,12 +455,47 @@ class ChatScreen(Screen[None]):
                         markup=False)
             return
         try:
-            done = await SlashCommands(self).run(command.spec.name, command.args)
+            action = interpret(command.spec.name, command.args, cwd=self.cwd,
+                               options=self.options, attached=len(self.attachments.images))
         except ValueError as err:
             self.notify(str(err), severity="error", markup=False)
             return
-        if done:
+        if await self._do(action):
             self.prompt.clear()
+
+    async def _do(self, action: SlashAction) -> bool:
+        """Do what a slash command asked; True when done (the box is cleared), False when
+        the typed text should stay."""
+        match action:
+            case Attach(paths=None):
+                self.action_attach()
+            case Attach(paths=paths):
+                self.read_images(paths or [], self.prompt.text)
+                return False  # the box is cleared once every image was read
+            case Detach(index=None):
+                await self.attachments.clear()
+            case Detach(index=index):
+                await self.attachments.remove_at((index or 1) - 1)
+            case Export(path=path):
+                return self.export(path)
+            case ChangeOptions(options=options, note=note):
+                done = self.apply_options(options)
+                if note:
+                    self.notify(note, markup=False)
+                return done
+            case Open(what="new"):
+                return await self.new_conversation()
+            case Open(what="history"):
+                self.action_history()
+            case Open(what="settings"):
+                self.action_settings()
+            case Open(what="stop"):
+                self.action_stop()
+            case Open(what="help"):
+                self.app.action_help()  # type: ignore[attr-defined]
+            case Open(what="quit"):
+                self.app.exit()
+        return True
 
     def apply_options(self, options: ChatOptions) -> bool:
         """Use new options; a different model is loaded. False when refused."""
@@ -474,10 +517,10 @@ class ChatScreen(Screen[None]):
     async def action_settings(self) -> None:
         """Ctrl+S: change model, system prompt, temperature, max tokens, image detail."""
         from edge_vlm.tui.screens.settings import SettingsScreen
-        from edge_vlm.tui.session import installed_models
+        from edge_vlm.tui.session import installed_names
 
         result = await self.app.push_screen_wait(
-            SettingsScreen(self.options, installed_models()))
+            SettingsScreen(self.options, installed_names(self.settings)))
         if result is not None:
             self.apply_options(result)
         self.prompt.focus()

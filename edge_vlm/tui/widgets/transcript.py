@@ -12,11 +12,11 @@ from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from edge_vlm.schema import GenerationStats
+from edge_vlm.stats import short_line
 from edge_vlm.tui.attachments import PendingImage
 from edge_vlm.tui.conversation import Attachment, Conversation, answer_note
 from edge_vlm.tui.paths import display_path
 from edge_vlm.tui.safetext import visible
-from edge_vlm.tui.session import format_stats
 from edge_vlm.tui.widgets.thumbnail import Thumbnail
 
 WELCOME = (
@@ -108,7 +108,7 @@ def answer_meta(finish_reason: str | None, stats: GenerationStats | None, *,
     if note:
         parts.append(("■ " if finish_reason == "cancelled" else "… ") + note)
     if show_stats and stats is not None:
-        parts.append(format_stats(stats))
+        parts.append(short_line(stats))
     return " · ".join(parts)
 
 

@@ -188,11 +188,7 @@ def estimate(facts: ModelFacts, model_bytes: int, mmproj_bytes: int, *, n_ctx: i
     )
 
 
-def _runtime(settings: Settings | None) -> dict[str, Any]:
-    if settings is None:
-        from edge_vlm.config import load_settings
-
-        settings = load_settings()
+def _runtime(settings: Settings) -> dict[str, Any]:
     rt = settings.runtime
     # "auto" flash attention is on for the CPU backend; GPU "auto" depends on the build,
     # which only the backend knows: count it as offloaded only when forced on.
@@ -200,7 +196,7 @@ def _runtime(settings: Settings | None) -> dict[str, Any]:
             "gpu": rt.gpu == "on", "detail": settings.images.detail, "ctx": rt.n_ctx}
 
 
-def estimate_files(model: Path, mmproj: Path, settings: Settings | None = None,
+def estimate_files(model: Path, mmproj: Path, settings: Settings,
                    n_ctx: int | None = None) -> MemoryEstimate:
     """Estimate for two GGUF files (headers only are read).
 
@@ -217,7 +213,7 @@ def estimate_files(model: Path, mmproj: Path, settings: Settings | None = None,
                     **rt)
 
 
-def estimate_catalog(entry: CatalogEntry, file: CatalogFile, settings: Settings | None = None,
+def estimate_catalog(entry: CatalogEntry, file: CatalogFile, settings: Settings,
                      n_ctx: int | None = None) -> MemoryEstimate:
     """A rougher estimate for a catalog model before download (sizes and KV shape only)."""
     rt = _runtime(settings)
@@ -232,7 +228,7 @@ def estimate_catalog(entry: CatalogEntry, file: CatalogFile, settings: Settings 
     return estimate(facts, file.size, entry.mmproj.size, n_ctx=n_ctx or ctx, **rt)
 
 
-def memory_warning(model: Path, mmproj: Path, settings: Settings | None = None) -> str | None:
+def memory_warning(model: Path, mmproj: Path, settings: Settings) -> str | None:
     """A warning line when a pair will not fit in memory now, else None (for run/chat/serve)."""
     try:
         est = estimate_files(model, mmproj, settings)

@@ -2,7 +2,7 @@
 
 llama.cpp aborts or segfaults on some malformed files instead of returning an error (a
 missing mmproj tensor is a SIGSEGV). The bounded header checks catch the known cases; this
-catches the rest: a child ``python -m edge_vlm.store.probe MODEL MMPROJ`` loads the pair,
+catches the rest: a child ``python -m edge_vlm.preflight.probe MODEL MMPROJ`` loads the pair,
 evaluates a few tokens and encodes one small image. If the child dies, the parent reports
 "model failed validation: ..." and lives on.
 
@@ -22,9 +22,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_vlm.errors import EdgeVLMError, ModelLoadError
+
+if TYPE_CHECKING:
+    from edge_vlm.store.store import Store
 
 _MARK = '{"probe":'
 PROBE_N_CTX = 256
@@ -60,7 +63,7 @@ def probe_pair(model: Path, mmproj: Path, *, timeout: float = 600.0,
     """
     shown_model, shown_proj = names or (str(model), str(mmproj))
     what = f"model '{shown_model}' with mmproj '{shown_proj}'"
-    cmd = [sys.executable, "-m", "edge_vlm.store.probe", str(model), str(mmproj)]
+    cmd = [sys.executable, "-m", "edge_vlm.preflight.probe", str(model), str(mmproj)]
     start = time.monotonic()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -133,7 +136,7 @@ def _fingerprint(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
-def ensure_checked(model: Path, mmproj: Path, *, timeout: float = 600.0) -> None:
+def ensure_checked(model: Path, mmproj: Path, store: Store, *, timeout: float = 600.0) -> None:
     """Check-load a pair given by path once (remembered by path, size, mtime and inode).
 
     Pairs in the store were checked when installed and the shipped model is trusted: both
@@ -142,11 +145,9 @@ def ensure_checked(model: Path, mmproj: Path, *, timeout: float = 600.0) -> None
     Raises:
         ModelLoadError: the pair failed the check.
     """
-    from edge_vlm.resolve import shipped_model_dir
+    from edge_vlm.shipped import shipped_model_dir
     from edge_vlm.store.fsutil import atomic_write_json
-    from edge_vlm.store.store import Store
 
-    store = Store.default()
     trusted = (store.blobs.resolve(), shipped_model_dir().resolve())
     if all(any(p.resolve().is_relative_to(t) for t in trusted) for p in (model, mmproj)):
         return
@@ -230,10 +231,10 @@ def _child(model: str, mmproj: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child entry point: ``python -m edge_vlm.store.probe MODEL MMPROJ``."""
+    """Child entry point: ``python -m edge_vlm.preflight.probe MODEL MMPROJ``."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m edge_vlm.store.probe MODEL.gguf MMPROJ.gguf", file=sys.stderr)
+        print("usage: python -m edge_vlm.preflight.probe MODEL.gguf MMPROJ.gguf", file=sys.stderr)
         return 2
     try:
         result = _child(args[0], args[1])

@@ -1,10 +1,10 @@
-"""Compare the memory estimate with a real load: ``python -m edge_vlm.store.memcheck``.
+"""Compare the memory estimate with a real load: ``python -m edge_vlm.preflight.memcheck``.
 
 Loads a pair in a fresh child process, answers one question about an image of the given
 size, and prints the child's peak resident memory next to :func:`estimate_files` for the
 same settings (``EDGE_VLM_*`` variables apply to both, e.g. ``EDGE_VLM_IMAGES__DETAIL``)::
 
-    python -m edge_vlm.store.memcheck MODEL.gguf MMPROJ.gguf --n-ctx 2048 --image 512
+    python -m edge_vlm.preflight.memcheck MODEL.gguf MMPROJ.gguf --n-ctx 2048 --image 512
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _CHILD = r"""
 import json, sys
 import edge_vlm
 from PIL import Image
-from edge_vlm.store.probe import _peak_rss
+from edge_vlm.preflight.probe import _peak_rss
 model, mmproj, n_ctx, side, image = sys.argv[1:]
 Image.new("RGB", (int(side), int(side)), (120, 30, 200)).save(image)
 with edge_vlm.load(model, mmproj, n_ctx=int(n_ctx)) as vlm:
@@ -34,7 +34,7 @@ print(json.dumps({"after_load": loaded, "peak": _peak_rss()}))
 def measure(model: Path, mmproj: Path, n_ctx: int, image_side: int) -> dict[str, float]:
     """Peak RSS of a real load and answer vs the estimate, in MiB, and the error in %."""
     from edge_vlm.config import load_settings
-    from edge_vlm.store.memory import MiB, estimate_files
+    from edge_vlm.preflight.memory import MiB, estimate_files
 
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(
@@ -57,7 +57,7 @@ def measure(model: Path, mmproj: Path, n_ctx: int, image_side: int) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    ap = argparse.ArgumentParser(prog="python -m edge_vlm.store.memcheck",
+    ap = argparse.ArgumentParser(prog="python -m edge_vlm.preflight.memcheck",
                                  description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("model", type=Path)
     ap.add_argument("mmproj", type=Path)

@@ -1,0 +1,67 @@
+"""One direction of dependency: front ends -> runtime -> backend (llama_cpp); the lower
+layers (schema, images, config, errors, store, the GGUF reader) import none of the upper
+ones. Checked two ways: what importing them loads (a fresh interpreter's sys.modules), and
+every import in their source, deferred ones included (``tools/import_cycles.py``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import import_cycles  # noqa: E402
+
+LOWER = ["edge_vlm.schema", "edge_vlm.images", "edge_vlm.config", "edge_vlm.errors",
+         "edge_vlm.shipped", "edge_vlm.store", "edge_vlm.store.store", "edge_vlm.store.manifest",
+         "edge_vlm.store.importer", "edge_vlm.store.catalog", "edge_vlm.store.fsutil",
+         "edge_vlm.gguf.reader", "edge_vlm.gguf.validate"]
+HEAVY = ["llama_cpp", "textual", "starlette", "uvicorn", "ray", "torch"]
+UPPER = ["edge_vlm.backend", "edge_vlm.engine", "edge_vlm.api", "edge_vlm.loader",
+         "edge_vlm.resolve", "edge_vlm.preflight", "edge_vlm.server", "edge_vlm.tui",
+         "edge_vlm.batch", "edge_vlm.cli"]
+
+
+@pytest.mark.parametrize("module", LOWER)
+def test_importing_a_lower_layer_loads_no_runtime_ui_or_http(module):
+    code = (f"import sys, json; import {module}\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, check=True)
+    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    bad = sorted(m for m in loaded
+                 if m.split(".")[0] in HEAVY or any(m == u or m.startswith(u + ".")
+                                                    for u in UPPER))
+    assert not bad, f"importing {module} loads {bad}"
+
+
+def test_no_lower_module_imports_an_upper_one_even_inside_a_function():
+    edges = import_cycles.graph(ROOT / "edge_vlm")
+    lower = [m for m in edges if m in LOWER or m.startswith("edge_vlm.store.")
+             or m.startswith("edge_vlm.gguf.reader")]
+    lower = [m for m in lower if m != "edge_vlm.store.cli"]  # `edge-vlm models`: a front end
+    wrong = {m: sorted(w for w in edges[m]
+                       if any(w == u or w.startswith(u + ".") for u in UPPER))
+             for m in lower}
+    assert not {m: w for m, w in wrong.items() if w}
+
+
+def test_the_cli_modules_do_not_import_the_cli_back():
+    edges = import_cycles.graph(ROOT / "edge_vlm")
+    back = sorted(m for m, targets in edges.items()
+                  if m != "edge_vlm.cli" and "edge_vlm.cli" in targets)
+    assert not back, f"{back} import edge_vlm.cli (use edge_vlm.flags)"
+
+
+def test_no_import_cycles_outside_other_owners_work_in_progress():
+    edges = import_cycles.graph(ROOT / "edge_vlm")
+    edges = {k: {w for w in v if w != "edge_vlm"} for k, v in edges.items()}
+    found = import_cycles.cycles(edges)
+    # Known and owned elsewhere (issue #16 notes): batch <-> api, the server's app/handlers.
+    allowed = [{"edge_vlm.api", "edge_vlm.batch.runner"},
+               {"edge_vlm.server.app", "edge_vlm.server.handlers"}]
+    assert [c for c in found if set(c) not in allowed] == []
