@@ -78,7 +78,7 @@ def competing_processes() -> list[str]:
     """Other CPU-heavy work seen now: the shipped model's training, and the load average."""
     found: list[str] = []
     try:
-        out = subprocess.run(["pgrep", "-af", "edge_vlm.shapes.train"], capture_output=True,
+        out = subprocess.run(["pgrep", "-af", "shapes_vlm.train"], capture_output=True,
                              text=True, check=False).stdout
         found += [line for line in out.splitlines() if "pgrep" not in line]
     except OSError:

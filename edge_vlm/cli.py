@@ -54,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show llama.cpp backends, settings and paths")
     add_model_flags(info)
 
-    ev = sub.add_parser("eval", help="exact-match accuracy on the shipped model's shapes world")
+    ev = sub.add_parser(
+        "eval", help="exact-match accuracy on the shipped model's shapes world",
+        description="Exact-match accuracy of a model on fresh scenes of the shipped model's "
+                    "synthetic shapes world. The world and the evaluation live with the "
+                    "model's training code, models/shapes-vlm/training/shapes_vlm/ of a source "
+                    "checkout (not in the wheel): run this from a checkout.")
     ev.add_argument("--scenes", type=int, default=100,
                     help="fresh scenes per variant (about 6.5 questions each)")
     ev.add_argument("--seed", type=int, default=7, help="seed of the evaluation images")
@@ -195,17 +200,19 @@ def _backends(sysinfo: dict[str, str]) -> list[str]:
 
 @_command("eval")
 def _eval(args: argparse.Namespace) -> int:
-    from edge_vlm.shapes.evaluate import evaluate, format_table
+    from edge_vlm.shipped import import_training
 
+    evaluation = import_training("evaluate")  # from the checkout: not part of the runtime
     results = {}
     with _load(args) as vlm:
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-            res = evaluate(vlm, n_scenes=args.scenes, seed=args.seed, variant=variant)
+            res = evaluation.evaluate(vlm, n_scenes=args.scenes, seed=args.seed,
+                                      variant=variant)
             ok, n = res["overall"]
             print(f"{vlm.name} {variant}: {100 * ok / n:.1f}% of {n}", file=sys.stderr,
                   flush=True)
             results[f"{vlm.name} {variant}"] = res
-    print(format_table(results))
+    print(evaluation.format_table(results))
     return 0
 
 

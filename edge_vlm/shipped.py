@@ -1,12 +1,18 @@
 """The model shipped with edge-vlm: its names and where its files are.
 
-A leaf module (standard library only), so that name resolution, the store and the front
-ends can all ask about the shipped model without importing one another.
+A leaf module (standard library and :mod:`edge_vlm.errors` only), so that name resolution,
+the store and the front ends can all ask about the shipped model without importing one
+another.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
+from types import ModuleType
+
+from edge_vlm.errors import EdgeVLMError
 
 SHIPPED_MODEL = "shapes-vlm"
 """The shipped model's name and its folder under ``models/`` (checkout) or
@@ -36,3 +42,29 @@ def shipped_model_dir() -> Path:
 def samples_dir() -> Path:
     """Sample images that come with the shipped model."""
     return shipped_model_dir() / "samples"
+
+
+def training_dir() -> Path:
+    """The shipped model's training code (``models/shapes-vlm/training`` of a checkout; the
+    wheel does not carry it)."""
+    return shipped_model_dir() / "training"
+
+
+def import_training(module: str) -> ModuleType:
+    """Import ``shapes_vlm.<module>`` from the shipped model's training code.
+
+    The synthetic shapes world, the trainer and the evaluation live beside the model they
+    made, not in the runtime; ``edge-vlm eval`` and the batch benchmark borrow them from a
+    source checkout.
+
+    Raises:
+        EdgeVLMError: not a source checkout (the wheel ships no training code).
+    """
+    folder = training_dir()
+    if not (folder / "shapes_vlm").is_dir():
+        raise EdgeVLMError(
+            f"the shapes-vlm training code is not installed (looked in {folder}): it lives in "
+            "models/shapes-vlm/training of a source checkout of edge-vlm; run this from one")
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    return importlib.import_module(f"shapes_vlm.{module}")

@@ -392,8 +392,8 @@ def shipped() -> Any:
 
 
 def shapes_scenes(folder: Path, n: int, seed: int) -> list[tuple[Path, Any]]:
-    from edge_vlm.shapes.render import render
-    from edge_vlm.shapes.world import sample_scene
+    from shapes_vlm.render import render
+    from shapes_vlm.world import sample_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -408,7 +408,7 @@ def shapes_scenes(folder: Path, n: int, seed: int) -> list[tuple[Path, Any]]:
 
 def test_shipped_model_batch_answers_are_correct(shipped: Any, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from edge_vlm.shapes.world import answer
+    from shapes_vlm.world import answer
 
     scenes = shapes_scenes(tmp_path / "imgs", 12, seed=2024)
     # "What shape" only for one-shape scenes (a manifest prompt); the count for all (--prompt).

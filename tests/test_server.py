@@ -261,7 +261,7 @@ needs_shipped = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def shipped() -> Iterator[tuple[Running, Any]]:
-    from edge_vlm.shapes import world
+    from shapes_vlm import world
 
     rng = random.Random(7)
     while True:  # an easy scene: one large shape on a plain background
@@ -277,7 +277,7 @@ def shipped() -> Iterator[tuple[Running, Any]]:
 @needs_shipped
 def test_shipped_model_answers_the_seed_snippet_correctly(shipped: tuple[Running, Any],
                                                           tmp_path: Path) -> None:
-    from edge_vlm.shapes import render, world
+    from shapes_vlm import render, world
 
     running, scene = shipped
     path = tmp_path / "scene.png"
@@ -305,7 +305,7 @@ def test_shipped_model_answers_the_seed_snippet_correctly(shipped: tuple[Running
                    "(a limit in its model card)")
 def test_shipped_model_fills_a_json_schema_correctly(shipped: tuple[Running, Any],
                                                      tmp_path: Path) -> None:
-    from edge_vlm.shapes import render, world
+    from shapes_vlm import render, world
 
     running, scene = shipped
     path = tmp_path / "scene.png"

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_vlm.shapes import evaluate as E
-from edge_vlm.shapes import render as R
-from edge_vlm.shapes import world as W
+from shapes_vlm import evaluate
+from shapes_vlm import render
+from shapes_vlm import world
 
-MODEL_DIR = E.MODEL_DIR
+MODEL_DIR = evaluate.MODEL_DIR
 SAMPLES = MODEL_DIR / "samples"
 
 pytestmark = pytest.mark.skipif(
@@ -36,10 +36,10 @@ def test_fifty_generated_questions(vlm, tmp_path: Path) -> None:  # type: ignore
     ok = total = 0
     failures = []
     for i in range(9):
-        scene = E.scene_for(2024, i, "png")
-        image = E.save_image(scene, "png", tmp_path / f"s{i}")
-        for qa in E.questions_for(2024, i, scene):
-            got = E.ask(vlm, image, qa.question)
+        scene = evaluate.scene_for(2024, i, "png")
+        image = evaluate.save_image(scene, "png", tmp_path / f"s{i}")
+        for qa in evaluate.questions_for(2024, i, scene):
+            got = evaluate.ask(vlm, image, qa.question)
             ok += got == qa.answer
             total += 1
             if got != qa.answer:
@@ -63,11 +63,11 @@ def test_multi_turn_and_system_message(vlm, tmp_path: Path) -> None:  # type: ig
     ok = total = 0
     # 16 conversations x 3 turns: with fewer questions one miss decides the 90% bar.
     for i in range(16):
-        scene = W.sample_scene(rng)
+        scene = world.sample_scene(rng)
         path = str(tmp_path / f"c{i}.png")
-        R.render(scene).save(path)
-        system = W.SYSTEM_PROMPTS[i % len(W.SYSTEM_PROMPTS)] if i % 2 else None
-        msgs, qas = W.conversation(rng, scene, path, turns=3, system=system)
+        render.render(scene).save(path)
+        system = world.SYSTEM_PROMPTS[i % len(world.SYSTEM_PROMPTS)] if i % 2 else None
+        msgs, qas = world.conversation(rng, scene, path, turns=3, system=system)
         start = 1 if system else 0
         for t, qa in enumerate(qas):
             upto = msgs[: start + 2 * t + 1]  # ... the t-th user message

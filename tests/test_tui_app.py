@@ -16,7 +16,7 @@ from edge_vlm.tui.conversation import ConversationStore
 from edge_vlm.tui.screens.help import HelpScreen
 from edge_vlm.tui.screens.history import HistoryScreen
 from edge_vlm.tui.screens.picker import PickerScreen
-from edge_vlm.tui.session import default_loader
+from edge_vlm.tui.session import load_chat_model
 from edge_vlm.tui.widgets.chips import Chip
 from edge_vlm.tui.widgets.thumbnail import Thumbnail
 from edge_vlm.tui.widgets.transcript import AnswerMessage, UserMessage
@@ -140,7 +140,7 @@ async def test_a_runtime_error_shows_and_gives_the_message_back(tmp_path, tiny_p
 
 
 async def test_model_load_failure_is_shown_in_the_app(tmp_path, images):
-    app = make_app(tmp_path, default_loader, model=str(tmp_path / "missing-model.gguf"))
+    app = make_app(tmp_path, load_chat_model, model=str(tmp_path / "missing-model.gguf"))
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: app.chat.status.state == "failed", what="failure")
         assert any("missing-model.gguf" in n and "does not exist" in n for n in notices(app))

@@ -9,7 +9,7 @@ import pytest
 
 from edge_vlm.tui.conversation import ConversationStore
 from edge_vlm.tui.screens.settings import SettingsScreen
-from edge_vlm.tui.session import default_loader
+from edge_vlm.tui.session import load_chat_model
 from tests.test_tui_support import (
     SIZE,
     ScriptedModel,
@@ -109,7 +109,7 @@ async def test_settings_offer_the_models_installed_in_the_store(tmp_path, tiny_p
 
     def loader(model: Any, mmproj: Any, settings: Any) -> Any:
         loaded.append(model)
-        return default_loader(model, mmproj, settings)  # the real name resolution
+        return load_chat_model(model, mmproj, settings)  # the real name resolution
 
     app = make_app(tmp_path, loader, model=str(tiny_paths.model), mmproj=str(tiny_paths.mmproj))
     async with app.run_test(size=SIZE) as pilot:

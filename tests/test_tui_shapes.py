@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from edge_vlm.resolve import SHIPPED_MMPROJ_FILE, SHIPPED_MODEL_FILE, shipped_model_dir
-from edge_vlm.shapes import render, world
+from shapes_vlm import render, world
 from edge_vlm.tui.app import ChatApp
 from edge_vlm.tui.conversation import ConversationStore
-from edge_vlm.tui.session import default_loader
+from edge_vlm.tui.session import load_chat_model
 from edge_vlm.tui.widgets.transcript import AnswerMessage
 from tests.test_tui_support import make_settings, wait_until
 
@@ -43,7 +43,7 @@ def one_shape_image(tmp_path: Path) -> tuple[Path, str]:
 async def test_the_shipped_model_names_the_shape_in_the_transcript(tmp_path):
     image, kind = one_shape_image(tmp_path)
     app = ChatApp(make_settings(tmp_path, sampling__max_tokens=24, sampling__temperature=0.0),
-                  loader=default_loader, store=ConversationStore(tmp_path / "convs"),
+                  loader=load_chat_model, store=ConversationStore(tmp_path / "convs"),
                   cwd=tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_until(pilot, lambda: app.chat.model is not None, timeout=120, what="load")

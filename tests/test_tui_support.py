@@ -22,7 +22,7 @@ from edge_vlm.schema import (
 )
 from edge_vlm.tui.app import ChatApp
 from edge_vlm.tui.conversation import ConversationStore
-from edge_vlm.tui.session import ChatModel, default_loader
+from edge_vlm.tui.session import ChatModel, load_chat_model
 from edge_vlm.tui.widgets.transcript import AnswerMessage
 
 
@@ -48,7 +48,7 @@ async def wait_until(pilot: Pilot[Any], condition: Callable[[], bool], timeout: 
 def tiny_loader(paths: TinyVLMPaths) -> Callable[[str | None, str | None, Settings], ChatModel]:
     """Loads the tiny model whatever the app names (the app's own choice is recorded)."""
     def load(model: str | None, mmproj: str | None, settings: Settings) -> ChatModel:
-        return default_loader(str(paths.model), str(paths.mmproj), settings)
+        return load_chat_model(str(paths.model), str(paths.mmproj), settings)
     return load
 
 

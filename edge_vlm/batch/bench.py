@@ -63,8 +63,9 @@ def make_shapes_images(folder: str | os.PathLike[str], n: int, *, seed: int = 0,
     """Write ``n`` PNG scenes of the shipped model's shapes world into ``folder``."""
     import random
 
-    from edge_vlm.shapes.render import render
-    from edge_vlm.shapes.world import sample_scene
+    from edge_vlm.shipped import import_training
+
+    render, sample_scene = import_training("render").render, import_training("world").sample_scene
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from edge_vlm.config import Settings
 from edge_vlm.tui.clipboard import ClipboardImage, read_image
 from edge_vlm.tui.conversation import ConversationStore
 from edge_vlm.tui.screens.chat import ChatScreen
-from edge_vlm.tui.session import ChatOptions, Loader, default_loader
+from edge_vlm.tui.session import ChatModelLoader, ChatOptions, load_chat_model
 from edge_vlm.tui.widgets.thumbnail import prepare
 
 
@@ -42,7 +42,7 @@ class ChatApp(App[None]):
         model: str | None = None,
         mmproj: str | None = None,
         images: Sequence[str] = (),
-        loader: Loader = default_loader,
+        loader: ChatModelLoader = load_chat_model,
         store: ConversationStore | None = None,
         clipboard: Callable[[], ClipboardImage] = read_image,
         cwd: Path | None = None,

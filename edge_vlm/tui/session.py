@@ -1,7 +1,7 @@
 """What the app needs from the runtime: load a model, stream an answer, list models.
 
 No Textual here. The app runs :func:`stream_answer` in a thread worker and loads models
-with a :data:`Loader` in another; both only touch the runtime's public API
+with a :data:`ChatModelLoader` in another; both only touch the runtime's public API
 (:func:`edge_vlm.load`, :meth:`edge_vlm.api.VLM.chat`).
 """
 
@@ -29,11 +29,11 @@ class ChatModel(Protocol):
     def close(self) -> None: ...
 
 
-Loader = Callable[[str | None, str | None, Settings], ChatModel]
+ChatModelLoader = Callable[[str | None, str | None, Settings], ChatModel]
 """Loads ``(model, mmproj, settings)``; raises :class:`~edge_vlm.errors.EdgeVLMError`."""
 
 
-def default_loader(model: str | None, mmproj: str | None, settings: Settings) -> ChatModel:
+def load_chat_model(model: str | None, mmproj: str | None, settings: Settings) -> ChatModel:
     """Load through the public API (llama.cpp is imported here, in the worker)."""
     import edge_vlm
 

@@ -40,7 +40,7 @@ from edge_vlm.tui.screens.slash import (
     SlashAction,
     interpret,
 )
-from edge_vlm.tui.session import AnswerEnd, ChatModel, ChatOptions, Loader, stream_answer
+from edge_vlm.tui.session import AnswerEnd, ChatModel, ChatModelLoader, ChatOptions, stream_answer
 from edge_vlm.tui.widgets.chips import AttachmentBar
 from edge_vlm.tui.widgets.prompt import PromptInput
 from edge_vlm.tui.widgets.statusbar import StatusBar
@@ -119,7 +119,7 @@ class ChatScreen(Screen[None]):
         command: str | None = None
         """The ``/image`` command that asked for them (cleared on full success)."""
 
-    def __init__(self, settings: Settings, options: ChatOptions, *, loader: Loader,
+    def __init__(self, settings: Settings, options: ChatOptions, *, loader: ChatModelLoader,
                  store: ConversationStore, clipboard: Callable[[], ClipboardImage],
                  cwd: Path, initial_images: list[str], samples: Path | None = None) -> None:
         super().__init__()

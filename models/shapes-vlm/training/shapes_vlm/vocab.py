@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 
 from edge_vlm.gguf.vocab import SPACE, Vocab, build_spm_vocab
-from edge_vlm.shapes import world
+from shapes_vlm import world
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS: tuple[str, ...] = (SYSTEM, USER, ASSISTANT, END)

@@ -1,7 +1,7 @@
 """Batches of the ``lm`` and ``tune`` phases, and the lookup attention supervision.
 
 Conversations are sampled about bank scenes, encoded exactly as libmtmd tokenizes them
-(:func:`edge_vlm.shapes.data.encode_conversation`), with the positions the
+(:func:`shapes_vlm.data.encode_conversation`), with the positions the
 supervision needs.
 """
 
@@ -13,10 +13,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from edge_vlm.shapes import data as D
-from edge_vlm.shapes import vocab as V
-from edge_vlm.shapes import world as W
-from edge_vlm.shapes.model import ShapesVLM
+from shapes_vlm import data
+from shapes_vlm import vocab
+from shapes_vlm import world
+from shapes_vlm.model import ShapesVLM
 
 QTYPE_WEIGHTS = {
     "shape": 1.0,
@@ -30,13 +30,13 @@ QTYPE_WEIGHTS = {
 
 
 def sample_conversation(
-    rng: random.Random, scene: W.Scene, turns: int, qweights: dict[str, float] | None = None
-) -> tuple[list[dict], list[W.QA]]:
-    system = rng.choice(W.SYSTEM_PROMPTS) if rng.random() < 0.2 else None
-    types = [t for t in W.QUESTION_TYPES if t != "shape" or len(scene.shapes) == 1]
+    rng: random.Random, scene: world.Scene, turns: int, qweights: dict[str, float] | None = None
+) -> tuple[list[dict], list[world.QA]]:
+    system = rng.choice(world.SYSTEM_PROMPTS) if rng.random() < 0.2 else None
+    types = [t for t in world.QUESTION_TYPES if t != "shape" or len(scene.shapes) == 1]
     weights = [(qweights or QTYPE_WEIGHTS)[t] for t in types]
     qtypes = rng.choices(types, weights=weights, k=turns)
-    return W.conversation(
+    return world.conversation(
         rng,
         scene,
         "img",
@@ -56,7 +56,7 @@ class Batch(NamedTuple):
 
     ``look_rows``/``look_cols``: sequence and position of each lookup answer's first
     prediction (the ``<|assistant|>`` token); ``look_word``: position of the question's
-    shape word; ``look_kind``: the asked shape's index in ``W.SHAPES`` if it is in the
+    shape word; ``look_kind``: the asked shape's index in ``world.SHAPES`` if it is in the
     image, else -1.
     """
 
@@ -71,7 +71,7 @@ class Batch(NamedTuple):
 
 def lm_batch(
     rng: random.Random,
-    bank: D.Bank,
+    bank: data.Bank,
     idx: np.ndarray,
     n_img: int,
     qweights: dict[str, float] | None = None,
@@ -82,7 +82,7 @@ def lm_batch(
     for b, i in enumerate(idx):
         scene = bank.scenes[i]
         msgs, qas = sample_conversation(rng, scene, turns, qweights)
-        ids, mask, st = D.encode_conversation(msgs, n_img)
+        ids, mask, st = data.encode_conversation(msgs, n_img)
         seqs.append(ids)
         masks.append(mask)
         starts.append(st[0])
@@ -90,10 +90,10 @@ def lm_batch(
         for col, qa in zip(firsts, qas, strict=True):
             if qa.qtype in LOOKUPS:
                 kind = qa.question.rstrip("?").split()[-1]
-                word_id = V._tok(f" {kind}", False)[-1]
+                word_id = vocab._tok(f" {kind}", False)[-1]
                 word = max(j for j in range(col) if ids[j] == word_id)
                 present = scene.find(kind) is not None
-                look.append((b, col, word, W.SHAPES.index(kind) if present else -1))
+                look.append((b, col, word, world.SHAPES.index(kind) if present else -1))
     T = max(len(s) for s in seqs)
     tok = torch.zeros(len(seqs), T, dtype=torch.long)
     tgt = torch.full((len(seqs), T), -100, dtype=torch.long)

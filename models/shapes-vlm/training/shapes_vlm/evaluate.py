@@ -1,6 +1,6 @@
 """Evaluate ``shapes-vlm`` through the public Python API (llama.cpp underneath).
 
-``python -m edge_vlm.shapes.evaluate [--quant f16 q8_0 q4_k_m] [--variants png jpeg70 ...]``
+``python -m shapes_vlm.evaluate [--quant f16 q8_0 q4_k_m] [--variants png jpeg70 ...]``
 
 Fresh scenes are drawn with a seed that training never uses (training derives its scenes
 from ``random.Random(seed * 1_000_003 + i)`` with small seeds; evaluation uses
@@ -27,33 +27,33 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from edge_vlm.shapes import render as R
-from edge_vlm.shapes import world as W
+from shapes_vlm import render
+from shapes_vlm import world
 
-MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "shapes-vlm"
+MODEL_DIR = Path(__file__).resolve().parents[2]  # models/shapes-vlm, beside training/
 VARIANTS = ("png", "jpeg70", "640x360", "300x500")
 QUANTS = ("f16", "q8_0", "q4_k_m")
 
 
-def scene_for(seed: int, i: int, variant: str) -> W.Scene:
+def scene_for(seed: int, i: int, variant: str) -> world.Scene:
     rng = random.Random(f"eval-{seed}-{i}")
     if variant in ("640x360", "300x500"):
         w, h = (int(v) for v in variant.split("x"))
-        return W.sample_scene(rng, size=(w, h))
-    return W.sample_scene(rng)
+        return world.sample_scene(rng, size=(w, h))
+    return world.sample_scene(rng)
 
 
-def questions_for(seed: int, i: int, scene: W.Scene) -> list[W.QA]:
+def questions_for(seed: int, i: int, scene: world.Scene) -> list[world.QA]:
     rng = random.Random(f"eval-q-{seed}-{i}")
     return [
-        W.sample_question(rng, scene, t)
-        for t in W.QUESTION_TYPES
+        world.sample_question(rng, scene, t)
+        for t in world.QUESTION_TYPES
         if t != "shape" or len(scene.shapes) == 1
     ]
 
 
-def save_image(scene: W.Scene, variant: str, path: Path) -> str:
-    img = R.render(scene)
+def save_image(scene: world.Scene, variant: str, path: Path) -> str:
+    img = render.render(scene)
     if variant == "jpeg70":
         p = path.with_suffix(".jpg")
         img.save(p, format="JPEG", quality=70)
@@ -108,7 +108,7 @@ def evaluate(
 
 def format_table(results: dict[str, dict[str, tuple[int, int]]]) -> str:
     """Markdown table: one row per run, one column per question type + overall."""
-    cols = [*W.QUESTION_TYPES, "overall"]
+    cols = [*world.QUESTION_TYPES, "overall"]
     lines = ["| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, res in results.items():
         cells = []

@@ -1,4 +1,4 @@
-"""Train ``shapes-vlm`` on the CPU: ``python -m edge_vlm.shapes.train --out checkpoints/``.
+"""Train ``shapes-vlm`` on the CPU: ``python -m shapes_vlm.train --out checkpoints/``.
 
 Recipe (each phase resumes from ``<out>/last.pt``; every batch is a pure function of the
 seed and the step, so a resumed run continues exactly as an uninterrupted one):
@@ -15,13 +15,13 @@ seed and the step, so a resumed run continues exactly as an uninterrupted one):
 5. ``tune``: the lm phase again, weighted toward the questions that name a shape ("Is there
    a star?", "What color is the star?", "Where is the star?"), with ``--attn-sup``: two
    attention heads are told where to look (see
-   :func:`edge_vlm.shapes.lmdata.lookup_attention_loss`). The lm phase alone leaves those
+   :func:`shapes_vlm.lmdata.lookup_attention_loss`). The lm phase alone leaves those
    questions at chance.
 
 ``--init`` starts a run from another checkpoint's weights, also at another resolution: a
 model trained at 112 px with 16-px patches continues at 224 px with 32-px patches (same 49
 image tokens, so the language model is unchanged) exactly where it stood, and then learns
-from the finer pixels (see :func:`edge_vlm.shapes.model.load_resampled`).
+from the finer pixels (see :func:`shapes_vlm.model.load_resampled`).
 
 The shipped model: ``--vision-steps 6000 --lm-steps 3000 --joint-steps 0`` (run2), then
 ``--tune-steps 1500 --tune-lr 1e-3`` resumed from its lm checkpoint, then two rounds at 224
@@ -41,10 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_vlm.shapes import data as D
-from edge_vlm.shapes import vocab as V
-from edge_vlm.shapes.lmdata import lm_batch, lookup_attention_loss
-from edge_vlm.shapes.model import Config, ShapesVLM, init_weights, load_resampled
+from shapes_vlm import data
+from shapes_vlm import vocab
+from shapes_vlm.lmdata import lm_batch, lookup_attention_loss
+from shapes_vlm.model import Config, ShapesVLM, init_weights, load_resampled
 
 PHASES = ("vision", "lm", "joint", "tune")
 # ``tune``: the lm phase again (frozen ViT), weighted toward the questions that look a named
@@ -67,7 +67,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def load_bank(out: Path, n: int, seed: int, c: Config) -> D.Bank:
+def load_bank(out: Path, n: int, seed: int, c: Config) -> data.Bank:
     import pickle
 
     path = out / f"bank-{seed}-{n}-{c.image_size}.pkl"
@@ -75,7 +75,7 @@ def load_bank(out: Path, n: int, seed: int, c: Config) -> D.Bank:
         with open(path, "rb") as f:
             return pickle.load(f)
     t = time.time()
-    bank = D.make_bank(n, seed, c.image_size, c.patch_size, workers=2)
+    bank = data.make_bank(n, seed, c.image_size, c.patch_size, workers=2)
     with open(path, "wb") as f:
         pickle.dump(bank, f, protocol=pickle.HIGHEST_PROTOCOL)
     print(f"bank: {n} images rendered in {time.time() - t:.0f} s", flush=True)
@@ -137,7 +137,7 @@ def vision_loss(
     return sum(losses.values()), acc
 
 
-def bank_labels(bank: D.Bank, idx: np.ndarray) -> dict[str, torch.Tensor]:
+def bank_labels(bank: data.Bank, idx: np.ndarray) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v[idx]) for k, v in bank.labels.items()}
 
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     c = Config(
-        n_vocab=len(V.shapes_vocab()),
+        n_vocab=len(vocab.shapes_vocab()),
         v_layer=args.v_layer,
         n_layer=args.n_layer,
         image_size=args.image_size,

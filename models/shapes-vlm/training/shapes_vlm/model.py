@@ -9,7 +9,7 @@
 * Text (llama.cpp ``llama`` architecture): RMSNorm, RoPE of type NORM (rotating *adjacent*
   pairs of each head), causal attention scaled by ``1/sqrt(head_dim)``, SwiGLU, final
   RMSNorm, output tied to the token embedding.
-* Image preprocessing: see :func:`edge_vlm.shapes.data.letterbox` (Pillow-style bicubic
+* Image preprocessing: see :func:`shapes_vlm.data.letterbox` (Pillow-style bicubic
   resize to fit, centred on a (122, 116, 104) canvas, ``(x/255 - 0.5)/0.5``).
 
 The auxiliary heads (:class:`VisionHeads`) train the encoder with dense labels; they are not

@@ -1,6 +1,6 @@
 """PyTorch vs llama.cpp parity for ``shapes-vlm``.
 
-``python -m edge_vlm.shapes.parity --ckpt CKPT --model model-f32.gguf --mmproj mmproj-f32.gguf``
+``python -m shapes_vlm.parity --ckpt CKPT --model model-f32.gguf --mmproj mmproj-f32.gguf``
 
 For random scenes (square ``image_size`` images, so both sides see identical pixels, and
 larger non-square ones, which also exercise the downscale + letterbox path) it compares:
@@ -24,18 +24,18 @@ import numpy as np
 import torch
 
 import edge_vlm
-from edge_vlm.shapes import data as D
-from edge_vlm.shapes import render as R
-from edge_vlm.shapes import world as W
-from edge_vlm.shapes.export import load_checkpoint
-from edge_vlm.shapes.model import ShapesVLM
+from shapes_vlm import data
+from shapes_vlm import render
+from shapes_vlm import world
+from shapes_vlm.export import load_checkpoint
+from shapes_vlm.model import ShapesVLM
 
 
 def torch_embeddings(model: ShapesVLM, path: str) -> np.ndarray:
     from PIL import Image
 
-    img = D.letterbox(Image.open(path), model.c.image_size)
-    x = torch.from_numpy(D.pixels(img))[None]
+    img = data.letterbox(Image.open(path), model.c.image_size)
+    x = torch.from_numpy(data.pixels(img))[None]
     with torch.no_grad():
         return model.proj(model.vision(x))[0].numpy()
 
@@ -43,12 +43,12 @@ def torch_embeddings(model: ShapesVLM, path: str) -> np.ndarray:
 def torch_last_logits(
     model: ShapesVLM, messages: list[dict], path: str
 ) -> tuple[np.ndarray, list[int]]:
-    ids, _, starts = D.encode_conversation(messages, model.c.n_patches, add_generation_prompt=True)
+    ids, _, starts = data.encode_conversation(messages, model.c.n_patches, add_generation_prompt=True)
     tok = torch.tensor([[max(0, i) for i in ids]])
     from PIL import Image
 
-    img = D.letterbox(Image.open(path), model.c.image_size)
-    x = torch.from_numpy(D.pixels(img))[None]
+    img = data.letterbox(Image.open(path), model.c.image_size)
+    x = torch.from_numpy(data.pixels(img))[None]
     with torch.no_grad():
         logits = model(tok, model.vision(x), torch.tensor(starts[:1]))
     return logits[0, -1].numpy(), ids
@@ -70,19 +70,19 @@ def run(
     emb_diff, logit_diff, logit_mag, seq_ok = 0.0, 0.0, 0.0, True
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n):
-            size = (model.c.image_size,) * 2 if i % 2 == 0 else W.sample_size(rng, (0.5, 2.0))
-            scene = W.sample_scene(rng, size=size)
+            size = (model.c.image_size,) * 2 if i % 2 == 0 else world.sample_size(rng, (0.5, 2.0))
+            scene = world.sample_scene(rng, size=size)
             path = str(Path(tmp) / f"p{i}.png")
-            R.render(scene).save(path)
+            render.render(scene).save(path)
             a = torch_embeddings(model, path)
             b = vlm.debug_image_embeddings(path)
             emb_diff = max(emb_diff, float(np.abs(a - b).max()))
-            msgs, _ = W.conversation(
+            msgs, _ = world.conversation(
                 rng,
                 scene,
                 path,
                 turns=rng.randint(1, 3),
-                system=rng.choice([None, *W.SYSTEM_PROMPTS]),
+                system=rng.choice([None, *world.SYSTEM_PROMPTS]),
                 image_first=i % 3 != 2,
             )
             msgs = msgs[:-1]  # ask the last question

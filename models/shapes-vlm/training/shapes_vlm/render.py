@@ -1,4 +1,4 @@
-"""Drawing a :class:`~edge_vlm.shapes.world.Scene` with Pillow: backgrounds, anti-aliased
+"""Drawing a :class:`~shapes_vlm.world.Scene` with Pillow: backgrounds, anti-aliased
 shapes, JPEG re-encoding. Every image is a pure function of its scene (noise included).
 
 Pillow, numpy and the standard library only (no torch).
@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from edge_vlm.shapes.world import Background, Scene
+from shapes_vlm.world import Background, Scene
 
 
 def polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from edge_vlm.shapes import render as R
-from edge_vlm.shapes import vocab as V
-from edge_vlm.shapes import world as W
+from shapes_vlm import render
+from shapes_vlm import vocab
+from shapes_vlm import world
 
 PAD_COLOR = (122, 116, 104)
 """clip.cpp's letterbox colour for ``mlp`` projectors."""
@@ -61,7 +61,7 @@ def pixels(img: Image.Image) -> np.ndarray:
 # The bank
 
 
-def _labels(scene: W.Scene, s: int, p: int, w: int, h: int) -> dict[str, np.ndarray]:
+def _labels(scene: world.Scene, s: int, p: int, w: int, h: int) -> dict[str, np.ndarray]:
     """Dense per-patch labels for a scene shown letterboxed at ``(w, h)`` in ``s``x``s``."""
     ox, oy = (s - w) // 2, (s - h) // 2
     sup = 2
@@ -73,7 +73,7 @@ def _labels(scene: W.Scene, s: int, p: int, w: int, h: int) -> dict[str, np.ndar
         if sh.kind == "circle":
             d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=i + 1)
         else:
-            d.polygon(R.polygon(sh.kind, cx, cy, r, sh.angle), fill=i + 1)
+            d.polygon(render.polygon(sh.kind, cx, cy, r, sh.angle), fill=i + 1)
     m = np.asarray(mask)
     g = s // p
     ps = p * sup
@@ -98,43 +98,43 @@ def _labels(scene: W.Scene, s: int, p: int, w: int, h: int) -> dict[str, np.ndar
     color = np.full(g * g, -100, np.int64)
     pos = np.full(g * g, -100, np.int64)
     rank = np.full(g * g, -100, np.int64)
-    colors = list(W.COLORS)
+    colors = list(world.COLORS)
     for i, sh in enumerate(scene.shapes):
         sel = owner == i
-        shape_cls[sel] = 2 + W.SHAPES.index(sh.kind)
+        shape_cls[sel] = 2 + world.SHAPES.index(sh.kind)
         color[sel] = colors.index(sh.color)
-        pos[sel] = W.position_class(sh.x, sh.y)
+        pos[sel] = world.position_class(sh.x, sh.y)
         rank[sel] = i
-    present = np.zeros(len(W.SHAPES), np.float32)
+    present = np.zeros(len(world.SHAPES), np.float32)
     for sh in scene.shapes:
-        present[W.SHAPES.index(sh.kind)] = 1
+        present[world.SHAPES.index(sh.kind)] = 1
     return {
         "shape": shape_cls,
         "color": color,
         "pos": pos,
         "rank": rank,
         "count": np.array(n - 1, dtype=np.int64),
-        "bg": np.array(W.BACKGROUND_CLASSES.index(scene.background.label), dtype=np.int64),
+        "bg": np.array(world.BACKGROUND_CLASSES.index(scene.background.label), dtype=np.int64),
         "present": present,
     }
 
 
-def render_example(rng: random.Random, s: int, p: int) -> tuple[W.Scene, np.ndarray, dict]:
+def render_example(rng: random.Random, s: int, p: int) -> tuple[world.Scene, np.ndarray, dict]:
     """One bank example: scene, letterboxed uint8 image, labels."""
     aspect = (0.75, 4 / 3) if rng.random() < 0.6 else (0.5, 2.0)
-    scene = W.sample_scene(rng, aspect=aspect)
+    scene = world.sample_scene(rng, aspect=aspect)
     w, h = fit_size(scene.width, scene.height, s)
     r = rng.random()
     if r < 0.3:
         # The real path: full-size render (maybe JPEG), downscaled by the runtime.
-        img = R.render(scene, supersample=2)
+        img = render.render(scene, supersample=2)
         if rng.random() < 0.5:
-            img = R.to_jpeg(img, rng.randint(50, 95))
+            img = render.to_jpeg(img, rng.randint(50, 95))
         img = img.resize((w, h), Image.Resampling.BICUBIC)
     else:
-        img = R.render(scene, size=(w, h), supersample=3)
+        img = render.render(scene, size=(w, h), supersample=3)
         if r < 0.4:
-            img = R.to_jpeg(img, rng.randint(60, 95))
+            img = render.to_jpeg(img, rng.randint(60, 95))
     canvas = Image.new("RGB", (s, s), PAD_COLOR)
     canvas.paste(img, ((s - w) // 2, (s - h) // 2))
     return scene, np.asarray(canvas, dtype=np.uint8), _labels(scene, s, p, w, h)
@@ -158,7 +158,7 @@ class Bank:
 
     images: np.ndarray
     labels: dict[str, np.ndarray]
-    scenes: list[W.Scene]
+    scenes: list[world.Scene]
 
 
 def make_bank(n: int, seed: int, s: int, p: int, workers: int = 2) -> Bank:
@@ -196,21 +196,21 @@ def encode_conversation(
         marking the tokens the model is trained to produce (assistant answer tokens and
         their ``<|end|>``), and the index of each image's first position.
     """
-    voc = V.shapes_vocab()
-    end = voc.token_id(V.END)
+    voc = vocab.shapes_vocab()
+    end = voc.token_id(vocab.END)
     ids: list[int] = [voc.bos_id]
     mask: list[int] = [0]
     starts: list[int] = []
 
     def text(t: str, train: bool) -> None:
         if t:
-            toks = V._tok(t, False)
+            toks = vocab._tok(t, False)
             ids.extend(toks)
             mask.extend([int(train)] * len(toks))
 
     for m in messages:
         train = m["role"] == "assistant"
-        ids.append(voc.token_id(V.ROLE_TOKENS[m["role"]]))
+        ids.append(voc.token_id(vocab.ROLE_TOKENS[m["role"]]))
         mask.append(0)
         c = m["content"]
         parts = [{"type": "text", "text": c}] if isinstance(c, str) else c
@@ -228,6 +228,6 @@ def encode_conversation(
         ids.append(end)
         mask.append(int(train))
     if add_generation_prompt:
-        ids.append(voc.token_id(V.ASSISTANT))
+        ids.append(voc.token_id(vocab.ASSISTANT))
         mask.append(0)
     return ids, mask, starts

@@ -1,6 +1,6 @@
 """The synthetic world the shipped ``shapes-vlm`` model knows: scenes, questions, answers.
 
-The standard library only (drawing a scene: :mod:`edge_vlm.shapes.render`).
+The standard library only (drawing a scene: :mod:`shapes_vlm.render`).
 
 The world
 ---------
