@@ -164,10 +164,14 @@ def file_fingerprint(path: Path, sha256: str = "") -> str:
 
     Args:
         path: The file.
-        sha256: Its sha256 when known (a store blob's, from the manifest): then that is
-            the identity, the same wherever the file is. Else a cheap one: path, size,
-            mtime and hashes of the file's head and tail.
+        sha256: Its sha256 when known (a store model's, from the manifest). A store blob
+            is known by its name too. Then that is the identity: the content's, the same
+            wherever the file is. Else a cheap one: path, size, mtime and hashes of the
+            file's head and tail.
     """
+    from edge_vlm.store.store import blob_digest
+
+    sha256 = sha256 or blob_digest(path)
     if sha256:
         return sha256[:32]
     st = path.stat()

@@ -95,3 +95,19 @@ def test_info_reports_backends_and_config(tmp_path):
     assert f"config file: {cfg} (read)" in out.stdout
     assert "EDGE_VLM_SAMPLING__MAX_TOKENS" in out.stdout
     assert '"threads": 3' in out.stdout and '"max_tokens": 77' in out.stdout
+
+
+def test_eval_runs_the_shapes_world_from_the_checkout(tiny_paths):
+    out = run("eval", "--scenes", "1", "--model", str(tiny_paths.model), "--mmproj",
+              str(tiny_paths.mmproj), "--threads", "1")
+    assert out.returncode == 0, out.stderr
+    assert "| run | shape |" in out.stdout and "tiny-model png" in out.stdout
+
+
+def test_eval_without_the_training_code_says_where_it_lives(monkeypatch, capsys, tmp_path):
+    from edge_vlm import cli, shipped
+
+    monkeypatch.setattr(shipped, "training_dir", lambda: tmp_path / "nowhere")
+    assert cli.main(["eval", "--scenes", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "models/shapes-vlm/training" in err and "source checkout" in err

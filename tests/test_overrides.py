@@ -210,5 +210,7 @@ def test_store_models_have_the_manifest_sha256_as_identity(home, pair):
     recorded = {f.role: f.sha256 for f in Store.default().get("ident").files}
     assert (ref.model_sha256, ref.mmproj_sha256) == (recorded["model"], recorded["mmproj"])
     assert file_fingerprint(ref.mmproj, ref.mmproj_sha256) == recorded["mmproj"][:32]
+    assert file_fingerprint(ref.model) == recorded["model"][:32]  # a blob, by its name
+    assert file_fingerprint(pair.model) != recorded["model"][:32]  # elsewhere: path-based
     by_path = resolve_model(pair.model, pair.mmproj)
     assert by_path.mmproj_sha256 == ""  # a file given by path may change: no recorded identity

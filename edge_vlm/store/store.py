@@ -404,6 +404,17 @@ class Store:
         return results
 
 
+def blob_digest(path: Path) -> str:
+    """The sha256 a store blob is named after (its content's, checked when it was stored),
+    or "" for any other file."""
+    name = path.name
+    if path.parent.name == "blobs" and name.startswith("sha256-") and len(name) == 71:
+        digest = name.removeprefix("sha256-")
+        if all(c in "0123456789abcdef" for c in digest):
+            return digest
+    return ""
+
+
 def _same_files(a: Manifest, b: Manifest) -> bool:
     return {(f.role, f.sha256) for f in a.files} == {(f.role, f.sha256) for f in b.files}
 
