@@ -69,7 +69,7 @@ def test_chat_has_a_keyword_for_every_request_field():
 def test_misspelt_keyword_is_refused_with_the_closest_name(tiny_vlm, images):
     with pytest.raises(RequestError, match=r"max_token: .*did you mean 'max_tokens'"):
         tiny_vlm.chat(ask(images["red"]), max_token=5)
-    with pytest.raises(RequestError, match="temprature: .*'temperature'"):
+    with pytest.raises(RequestError, match=r"temprature: .*'temperature'"):
         tiny_vlm.chat(ask(images["red"]), stream=True, temprature=0)
     assert tiny_vlm.chat(ask(images["red"]), max_tokens=2).usage.completion_tokens == 2
 
@@ -91,7 +91,7 @@ def test_keywords_replace_the_fields_of_a_whole_request(tiny_vlm, images):
     assert tiny_vlm.chat(request, max_tokens=1).usage.completion_tokens == 1
     with pytest.raises(RequestError, match=r"^n: "):
         tiny_vlm.chat(request, n=2)
-    with pytest.raises(RequestError, match="model: .*'other'"):
+    with pytest.raises(RequestError, match=r"model: .*'other'"):
         tiny_vlm.chat(request, model="other")
     assert tiny_vlm.chat(request, model=tiny_vlm.name, max_tokens=1).choices
 
@@ -124,7 +124,8 @@ def test_typo_in_an_environment_variable_names_it(home, monkeypatch, var, closes
 
 
 def test_unknown_override_key_is_refused(home):
-    with pytest.raises(ConfigError, match=r"'runtime\.thread' in the arguments.*'runtime\.threads'"):
+    with pytest.raises(ConfigError,
+                       match=r"'runtime\.thread' in the arguments.*'runtime\.threads'"):
         Settings().with_overrides({"runtime.thread": 4})
 
 
@@ -168,7 +169,7 @@ def test_verify_on_load_from_the_settings_given_to_load(home, pair):
         f.seek(-1, os.SEEK_END)
         f.write(b"\x01")
     strict = load_settings().with_overrides({"store.verify_on_load": True})
-    with pytest.raises(StoreError, match="model 'v': model file .* changed"):
+    with pytest.raises(StoreError, match=r"model 'v': model file .* changed"):
         edge_vlm.load("v", settings=strict, threads=1)
     with edge_vlm.load("v", settings=load_settings(), threads=1, gpu="off") as vlm:
         assert vlm.name == "v"  # not verified: settings say so

@@ -6,10 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
-
-from shapes_vlm import evaluate
-from shapes_vlm import render
-from shapes_vlm import world
+from shapes_vlm import evaluate, render, world
 
 MODEL_DIR = evaluate.MODEL_DIR
 SAMPLES = MODEL_DIR / "samples"

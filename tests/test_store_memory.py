@@ -9,8 +9,8 @@ import pytest
 
 
 def test_estimate_verdicts_and_largest_context() -> None:
-    from edge_vlm.store.manifest import ModelFacts
     from edge_vlm.preflight.memory import estimate
+    from edge_vlm.store.manifest import ModelFacts
 
     facts = ModelFacts(n_layer=30, n_head=9, n_head_kv=3, head_dim_k=64, head_dim_v=64,
                        n_vocab=49152, embedding_width=576, n_ff=1536, context_length=8192,

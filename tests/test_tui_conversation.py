@@ -18,13 +18,13 @@ import pytest
 
 from edge_vlm.errors import ImageError
 from edge_vlm.schema import GenerationStats, ImagePart, ImageStats, parse_messages
+from edge_vlm.stats import short_line as format_stats
 from edge_vlm.tui.attachments import probe_bytes, probe_file
 from edge_vlm.tui.clipboard import ClipboardError, read_image
 from edge_vlm.tui.commands import COMMANDS, parse_command, unescape_message
 from edge_vlm.tui.conversation import Conversation, ConversationError, ConversationStore
 from edge_vlm.tui.paths import complete_path, last_word_start, parse_pasted_paths
 from edge_vlm.tui.safetext import visible
-from edge_vlm.stats import short_line as format_stats
 from tests.conftest import draw
 
 # -- conversations ------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
+from shapes_vlm import render, world
 
 from edge_vlm.resolve import SHIPPED_MMPROJ_FILE, SHIPPED_MODEL_FILE, shipped_model_dir
-from shapes_vlm import render, world
 from edge_vlm.tui.app import ChatApp
 from edge_vlm.tui.conversation import ConversationStore
 from edge_vlm.tui.session import load_chat_model

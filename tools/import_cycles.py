@@ -2,8 +2,9 @@
 
 Every ``import`` counts, at module level or inside a function (a deferred import still
 ties the two modules together; it only hides the cycle from Python), and so does a string
-that is exactly a module's name (``importlib.import_module(...)``, ``python -m ...``). A cycle is printed
-as ``a -> b -> a``; the exit status is the number of cycles (capped at 100)::
+that is exactly a module's name (``importlib.import_module(...)``, ``python -m ...``). A
+cycle is printed as ``a -> b -> a``; the exit status is the number of cycles (capped at
+100)::
 
     python tools/import_cycles.py [PACKAGE_DIR]
 """
@@ -39,10 +40,10 @@ def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
                 anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join([*anchor, base]) if base else ".".join(anchor)
             targets = [f"{base}.{a.name}" for a in node.names] + [base]
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and node.value in known):
             # a module named in a string is imported by name (importlib, `python -m`)
-            if node.value in known:
-                targets = [node.value]
+            targets = [node.value]
         for t in targets:
             # the longest known module the name starts with: `from x import y` may name a
             # module y or an attribute of x

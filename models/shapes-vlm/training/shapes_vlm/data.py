@@ -18,9 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from shapes_vlm import render
-from shapes_vlm import vocab
-from shapes_vlm import world
+from shapes_vlm import render, vocab, world
 
 PAD_COLOR = (122, 116, 104)
 """clip.cpp's letterbox colour for ``mlp`` projectors."""

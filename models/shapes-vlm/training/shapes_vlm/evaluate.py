@@ -27,8 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from shapes_vlm import render
-from shapes_vlm import world
+from shapes_vlm import render, world
 
 MODEL_DIR = Path(__file__).resolve().parents[2]  # models/shapes-vlm, beside training/
 VARIANTS = ("png", "jpeg70", "640x360", "300x500")

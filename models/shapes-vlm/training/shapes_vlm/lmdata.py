@@ -13,9 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from shapes_vlm import data
-from shapes_vlm import vocab
-from shapes_vlm import world
+from shapes_vlm import data, vocab, world
 from shapes_vlm.model import ShapesVLM
 
 QTYPE_WEIGHTS = {

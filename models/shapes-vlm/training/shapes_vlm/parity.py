@@ -24,9 +24,7 @@ import numpy as np
 import torch
 
 import edge_vlm
-from shapes_vlm import data
-from shapes_vlm import render
-from shapes_vlm import world
+from shapes_vlm import data, render, world
 from shapes_vlm.export import load_checkpoint
 from shapes_vlm.model import ShapesVLM
 
@@ -43,7 +41,8 @@ def torch_embeddings(model: ShapesVLM, path: str) -> np.ndarray:
 def torch_last_logits(
     model: ShapesVLM, messages: list[dict], path: str
 ) -> tuple[np.ndarray, list[int]]:
-    ids, _, starts = data.encode_conversation(messages, model.c.n_patches, add_generation_prompt=True)
+    ids, _, starts = data.encode_conversation(messages, model.c.n_patches,
+                                              add_generation_prompt=True)
     tok = torch.tensor([[max(0, i) for i in ids]])
     from PIL import Image
 

@@ -41,8 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shapes_vlm import data
-from shapes_vlm import vocab
+from shapes_vlm import data, vocab
 from shapes_vlm.lmdata import lm_batch, lookup_attention_loss
 from shapes_vlm.model import Config, ShapesVLM, init_weights, load_resampled
 

@@ -13,9 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from shapes_vlm import data  # noqa: E402
-from shapes_vlm import vocab  # noqa: E402
-from shapes_vlm import world  # noqa: E402
+from shapes_vlm import data, vocab, world  # noqa: E402
 from shapes_vlm.lmdata import LOOKUPS, lm_batch, lookup_attention_loss  # noqa: E402
 from shapes_vlm.model import Config, ShapesVLM, apply_rope, init_weights  # noqa: E402
 
@@ -99,7 +97,8 @@ def test_a_larger_patch_starts_where_the_smaller_model_stood(bank: data.Bank) ->
     torch.manual_seed(2)
     small = ShapesVLM(Config(n_vocab=len(vocab.shapes_vocab()), n_layer=3))
     init_weights(small)
-    big = ShapesVLM(Config(n_vocab=len(vocab.shapes_vocab()), n_layer=3, image_size=224, patch_size=32))
+    big = ShapesVLM(Config(n_vocab=len(vocab.shapes_vocab()), n_layer=3, image_size=224,
+                           patch_size=32))
     load_resampled(big, small.state_dict())
     x = torch.rand(2, 3, 224, 224) * 2 - 1
     with torch.no_grad():

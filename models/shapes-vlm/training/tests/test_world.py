@@ -5,15 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from shapes_vlm import data
-from shapes_vlm import render
-from shapes_vlm import vocab
-from shapes_vlm import world
+from shapes_vlm import data, render, vocab, world
 
 
 def scene(*shapes: tuple[str, str, float, float], bg: str = "white") -> world.Scene:
-    background = world.Background("plain", bg, world.BACKGROUND_COLORS[bg], world.BACKGROUND_COLORS[bg])
+    color = world.BACKGROUND_COLORS[bg]
+    background = world.Background("plain", bg, color, color)
     return world.Scene(
         200,
         200,
@@ -57,7 +54,8 @@ def test_describe_grammar_articles_and_backgrounds() -> None:
     )
     assert world.describe(grad).endswith(", on a gradient background.")
     noisy = world.Scene(
-        100, 100, world.Background("noisy", None, (200, 200, 200), (200, 200, 200), noise=9), s.shapes
+        100, 100, world.Background("noisy", None, (200, 200, 200), (200, 200, 200), noise=9),
+        s.shapes
     )
     assert world.describe(noisy).endswith(", on a noisy background.")
     three = scene(
@@ -180,7 +178,8 @@ def test_conversation_tokens_and_loss_mask() -> None:
     ]
     # The same sequence as rendering with the chat template and splitting at the marker.
     rendered = vocab.render_messages(msgs, add_generation_prompt=True)
-    flat = [i for kind, v in vocab.prompt_chunks(rendered) for i in (v if kind == "text" else [-1] * 4)]
+    flat = [i for kind, v in vocab.prompt_chunks(rendered)
+            for i in (v if kind == "text" else [-1] * 4)]
     assert flat == ids
 
 
@@ -205,7 +204,8 @@ def test_chat_template_renders_like_the_fast_path() -> None:
             "content": m["content"]
             if isinstance(m["content"], str)
             else [
-                {"type": "image_url"} if p["text"] == vocab.MEDIA_MARKER else p for p in m["content"]
+                {"type": "image_url"} if p["text"] == vocab.MEDIA_MARKER else p
+                for p in m["content"]
             ],
         }
         for m in msgs
