@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,7 +349,7 @@ def _in_nested(data: Any, key: str) -> bool:
     return True
 
 
-def _config_error(err: ValidationError, where: Any) -> ConfigError:
+def _config_error(err: ValidationError, where: Callable[[str], str]) -> ConfigError:
     """One message for the first problem: the key, what is wrong, where it came from."""
     first = err.errors(include_url=False)[0]
     key = ".".join(str(p) for p in first["loc"])

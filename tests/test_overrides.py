@@ -19,7 +19,7 @@ from tests.conftest import ask
 
 # -- edge_vlm.load(settings=..., <override>=<falsy>) ---------------------------------------
 
-TRUTHY = Settings().with_overrides({
+TRUTHY = Settings.model_validate({}).with_overrides({  # no environment read
     "images.allow_remote": True, "runtime.verbose": True, "runtime.gpu": "on",
     "runtime.flash_attn": "on", "runtime.threads": 3, "runtime.n_ctx": 512})
 
