@@ -371,8 +371,20 @@ class VLM:
                 presence_penalty=request.presence_penalty or 0.0,
                 seed=request.seed,
                 grammar=grammar,
+                logit_bias=self._logit_bias(request),
             ),
         )
+
+    def _logit_bias(self, request: ChatCompletionRequest) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token, bias) pairs, checked against the vocabulary now, before
+        any model work."""
+        if not request.logit_bias:
+            return ()
+        from edge_vlm.backend import check_logit_bias
+
+        pairs = tuple((int(k), float(v)) for k, v in request.logit_bias.items())
+        check_logit_bias(pairs, self.engine.backend.n_vocab)
+        return pairs
 
     # -- debugging hooks (parity checks and tests) -----------------------------------
 

@@ -32,7 +32,7 @@ from edge_vlm.chunks import (
     next_tile,
     share_copied_slice,
 )
-from edge_vlm.errors import GenerationError, ModelLoadError
+from edge_vlm.errors import GenerationError, ModelLoadError, RequestError
 
 __all__ = [
     "Backend",
@@ -448,21 +448,42 @@ class Backend:
 
 
 class Sampler:
-    """llama.cpp's sampler chain: penalties, grammar, then greedy or top-k/p/min-p + temp."""
+    """llama.cpp's sampler chain: logit bias, penalties, grammar, then greedy or
+    top-k/p/min-p + temperature + a seeded draw.
+
+    Raises:
+        RequestError: a logit-bias token id outside the vocabulary, or a grammar llama.cpp
+            refuses.
+    """
+
+    #: Tokens the repetition penalties look back over (llama.cpp's common default).
+    PENALTY_LAST_N = 64
 
     def __init__(self, backend: Backend, p: SamplerParams) -> None:
         self._backend = backend
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self._chain = chain
         add = llama_cpp.llama_sampler_chain_add
+        n_vocab = backend.n_vocab
+        if p.logit_bias:
+            check_logit_bias(p.logit_bias, n_vocab)
+            arr = (llama_cpp.llama_logit_bias * len(p.logit_bias))()
+            for i, (token, bias) in enumerate(p.logit_bias):
+                arr[i].token = token
+                arr[i].bias = bias
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             add(chain, llama_cpp.llama_sampler_init_penalties(
-                64, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+                n_vocab, self.PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty,
+                p.presence_penalty))
         if p.grammar is not None:
             g = llama_cpp.llama_sampler_init_grammar(backend._vocab, p.grammar.encode(), b"root")
             if not g:
                 self.close()
-                raise GenerationError("llama.cpp could not compile the response_format grammar")
+                raise RequestError(
+                    "response_format: llama.cpp refused the grammar made from the JSON schema "
+                    "(too many repetitions or rules); simplify the schema",
+                    param="response_format")
             add(chain, g)
         if p.temperature <= 0.0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
@@ -483,6 +504,15 @@ class Sampler:
         if self._chain is not None:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+
+
+def check_logit_bias(bias: Sequence[tuple[int, float]], n_vocab: int) -> None:
+    """Raise RequestError for a ``logit_bias`` token id the vocabulary does not have."""
+    for token, _ in bias:
+        if not 0 <= token < n_vocab:
+            raise RequestError(
+                f"logit_bias.{token}: no such token; this model's token ids run from 0 to "
+                f"{n_vocab - 1}", param=f"logit_bias.{token}")
 
 
 # ---------------------------------------------------------------------------------------
