@@ -355,7 +355,7 @@ class VLM:
             if schema is not None:
                 from edge_vlm.backend import json_schema_grammar
 
-                grammar = json_schema_grammar(schema)
+                grammar = json_schema_grammar(schema, request.response_format.schema_field())
         temperature = request.temperature if request.temperature is not None else s.temperature
         return GenerationParams(
             max_tokens=request.token_limit or s.max_tokens,

@@ -146,6 +146,12 @@ class ResponseFormat(_Model):
             raise ValueError("response_format.type is 'json_schema' but json_schema is missing")
         return self.json_schema.schema_ or {"type": "object"}
 
+    def schema_field(self) -> str:
+        """Where :meth:`schema_dict`'s schema is in the request (for error messages)."""
+        if self.type == "json_schema":
+            return "response_format.json_schema.schema"
+        return "response_format.value"
+
 
 class StreamOptions(_Model):
     """``stream_options``: ``include_usage`` adds a last chunk carrying usage."""
