@@ -28,7 +28,9 @@ from edge_vlm.config import Settings, load_settings
 from edge_vlm.engine import Engine, GenerationParams, PromptImage
 from edge_vlm.errors import RequestError
 from edge_vlm.images import ImagePolicy, load_image
+from edge_vlm.limits import check_request_size
 from edge_vlm.loader import LoadedModel, load_model
+from edge_vlm.prompt import RenderedPrompt
 from edge_vlm.schema import (
     AssistantMessage,
     ChatCompletion,
@@ -218,12 +220,12 @@ class VLM:
         policy: ImagePolicy | None = None,
     ) -> Iterator[ChatCompletionChunk]:
         t_start = time.perf_counter()
+        prompt = self.render_prompt(request.messages)
         images = self.load_images(request.messages, policy)
-        text = self.render(request.messages)
         params = self._params(request)
         params.max_image_tokens = self.image_budget([im.detail for im in images])
         cid, created = new_completion_id(), now()
-        events = self.engine.generate(text, images, params, cancel=cancel, t_start=t_start)
+        events = self.engine.generate(prompt, images, params, cancel=cancel, t_start=t_start)
         return self._chunks(request, events, cid, created)
 
     def _chunks(self, request: ChatCompletionRequest, events: Any, cid: str,
@@ -342,7 +344,17 @@ class VLM:
 
     def render(self, messages: list[ChatMessage]) -> str:
         """The prompt text, one media marker per image."""
-        return self._template.render(messages, self.engine.backend.marker)
+        return self.render_prompt(messages).text
+
+    def render_prompt(self, messages: list[ChatMessage]) -> RenderedPrompt:
+        """The prompt as template text, message text and image places (message text is
+        tokenized as plain text: it cannot forge a turn or move an image).
+
+        Raises:
+            RequestTooLargeError: more messages or text than ``limits`` allow.
+        """
+        check_request_size(messages, self.settings.limits)
+        return self._template.render_prompt(messages, self.engine.backend.marker)
 
     def _params(self, request: ChatCompletionRequest) -> GenerationParams:
         s = self.settings.sampling
@@ -394,7 +406,8 @@ class VLM:
 
         req = self._request(messages, False, {})
         images = self.load_images(req.messages)
-        with self.engine.lock, self.engine.tokenize(self.render(req.messages), images) as ch:
+        prompt = self.render_prompt(req.messages)
+        with self.engine.lock, self.engine.tokenize(prompt, images) as ch:
             return [("text", list(c.tokens)) if isinstance(c, TextChunk) else ("image", c.n_tokens)
                     for c in ch.items]
 
@@ -402,7 +415,7 @@ class VLM:
         """Logits at the last prompt position (generation prompt added)."""
         req = self._request(messages, False, {})
         images = self.load_images(req.messages)
-        return self.engine.prompt_logits(self.render(req.messages), images)
+        return self.engine.prompt_logits(self.render_prompt(req.messages), images)
 
     def debug_image_embeddings(self, url: str) -> npt.NDArray[np.float32]:
         """The vision encoder's output for one image: ``[n_tokens, n_embd]``."""
