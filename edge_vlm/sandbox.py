@@ -55,6 +55,22 @@ def check_template(source: str, bos: str = "", eos: str = "", *,
         _checked.add(key)
 
 
+def check_gguf_template(metadata: dict[str, object], shown: str) -> None:
+    """Probe the chat template a GGUF's metadata carries (none: nothing to check).
+
+    Raises:
+        ModelLoadError: "model 'NAME': the model's chat template was refused: REASON".
+    """
+    source = metadata.get("tokenizer.chat_template")
+    if not isinstance(source, str) or not source:
+        return
+    try:
+        check_template(source)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"model '{shown}': {err}; this model file is not safe to "
+                             "serve as it is") from None
+
+
 def _run_child(source: str, bos: str, eos: str, timeout: float) -> str | None:
     """None if the probe render passed, else why not."""
     cmd = [sys.executable, "-m", "edge_vlm.sandbox"]

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edge_vlm.errors import RequestError
+from edge_vlm.errors import RequestError, RequestTooLargeError
 
 #: The largest ``max_tokens`` accepted before the context check (a sanity bound).
 MAX_TOKENS_LIMIT = 1_000_000
@@ -531,7 +531,7 @@ def check_text_and_nesting(data: Any) -> None:
     while stack:
         node, where = stack.pop()
         if len(where) > MAX_NESTING:
-            raise RequestError(
+            raise RequestTooLargeError(
                 f"{_path(where)}: the request is nested deeper than {MAX_NESTING} levels",
                 param=_path(where))
         if isinstance(node, str):
