@@ -455,8 +455,10 @@ class Backend:
                 add_plain(piece.text[cursor:at])
                 last = out[-1] if out else None
                 if attr & lstrip and last is not None and not last[1]:
-                    out[-1] = (last[0].rstrip(spaces), False)
-                    if not out[-1][0]:
+                    kept = last[0].rstrip(spaces)
+                    if kept:
+                        out[-1] = (kept, False)
+                    else:
                         out.pop()
                 out.append((shown, True))
                 strip_next = bool(attr & rstrip)
@@ -593,8 +595,7 @@ class Sampler:
             check_logit_bias(p.logit_bias, n_vocab)
             arr = (llama_cpp.llama_logit_bias * len(p.logit_bias))()
             for i, (token, bias) in enumerate(p.logit_bias):
-                arr[i].token = token
-                arr[i].bias = bias
+                arr[i] = llama_cpp.llama_logit_bias(token, bias)
             add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             add(chain, llama_cpp.llama_sampler_init_penalties(

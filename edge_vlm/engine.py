@@ -106,7 +106,8 @@ class Engine:
     # -- prompt ----------------------------------------------------------------------
 
     def tokenize(
-        self, text: str | RenderedPrompt, images: Sequence[PromptImage], max_image_tokens: int = 0
+        self, text: str | RenderedPrompt, images: Sequence[PromptImage],
+        max_image_tokens: int = 0,
     ) -> PromptChunks:
         """Tokenize a rendered prompt with its images (caller closes the result); message
         text in a :class:`~edge_vlm.prompt.RenderedPrompt` stays plain text."""
@@ -375,7 +376,9 @@ class Engine:
 
     # -- debugging hooks (parity checks, tests) --------------------------------------
 
-    def prompt_logits(self, text: str | RenderedPrompt, images: Sequence[PromptImage]) -> npt.NDArray[np.float32]:
+    def prompt_logits(
+        self, text: str | RenderedPrompt, images: Sequence[PromptImage]
+    ) -> npt.NDArray[np.float32]:
         """Logits at the last prompt position (evaluating through the prefix cache)."""
         with self.lock, self.tokenize(text, images) as chunks:
             self.check_fits(chunks, 0)

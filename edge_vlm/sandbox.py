@@ -14,6 +14,7 @@ prints one JSON line ``{"template": "ok"}`` or ``{"template": "error", "reason":
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 
 from edge_vlm.errors import ModelLoadError
 
@@ -55,7 +57,7 @@ def check_template(source: str, bos: str = "", eos: str = "", *,
         _checked.add(key)
 
 
-def check_gguf_template(metadata: dict[str, object], shown: str) -> None:
+def check_gguf_template(metadata: Mapping[str, object], shown: str) -> None:
     """Probe the chat template a GGUF's metadata carries (none: nothing to check).
 
     Raises:
@@ -123,10 +125,9 @@ def probe_conversation() -> list[dict[str, object]]:
 
 
 def _child_main() -> int:
-    try:
+    # Without rlimits on this platform, the parent's wall-clock timeout still holds.
+    with contextlib.suppress(ImportError, OSError, ValueError):
         _limit_child()
-    except (ImportError, OSError, ValueError):
-        pass  # no rlimits on this platform: the wall-clock timeout still holds
     data = json.loads(sys.stdin.read())
     try:
         from edge_vlm.errors import RequestError
@@ -137,10 +138,9 @@ def _child_main() -> int:
                                 check_in_child=False)
         full = probe_conversation()
         for probe in (full, full[1:2], full[3:]):
-            try:
+            # RequestError: the template's own raise_exception, its rules, not an attack.
+            with contextlib.suppress(RequestError):
                 template.render_prompt(parse_messages(probe), "<__media__>")
-            except RequestError:
-                pass  # the template's own raise_exception: its rules, not an attack
     except MemoryError:
         print(json.dumps({"template": "error", "reason": (
             f"rendering a probe conversation needed over {CHILD_MEMORY // (1024 * 1024)} MiB "

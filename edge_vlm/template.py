@@ -14,9 +14,9 @@ import operator
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from collections.abc import Callable
 from typing import Any
 
 import jinja2
@@ -46,7 +46,9 @@ MAX_SEQUENCE = 1_000_000
 MAX_INT_BITS = 65_536
 """Largest integer a template may compute (``**`` and ``*`` towers), in bits."""
 
-_FORMAT_NUMBER = re.compile(r"\d{7,}")
+# A printf width or precision that is ``*`` or 7+ digits; a str.format field holding 7+ digits.
+_PERCENT_WIDTH = re.compile(r"%[-+ #0]*(?:\*|\d{7,})|%[-+ #0]*\d*\.(?:\*|\d{7,})")
+_FORMAT_WIDTH = re.compile(r"\{[^{}]*\d{7,}[^{}]*\}")
 
 
 class _TemplateLimitError(Exception):
@@ -133,9 +135,8 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
                 raise _TemplateLimitError(f"an integer of more than {MAX_INT_BITS} bits")
             return operator.pow(left, right)
         if operator_ == "%":
-            if isinstance(left, str):
-                if "*" in left or _FORMAT_NUMBER.search(left):
-                    raise _TemplateLimitError("a format width or precision too large")
+            if isinstance(left, str) and _PERCENT_WIDTH.search(left):
+                raise _TemplateLimitError("a format width or precision too large")
             return self.check_size(operator.mod(left, right))
         if operator_ == "+":
             if hasattr(left, "__len__") and hasattr(right, "__len__") \
@@ -155,7 +156,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         wrapped = super().wrap_str_format(value)
         if wrapped is None:
             return None
-        if _FORMAT_NUMBER.search(value.__self__):
+        if _FORMAT_WIDTH.search(value.__self__):
             raise _TemplateLimitError("a format width or precision too large")
 
         def bounded(*args: Any, **kwargs: Any) -> Any:

@@ -124,7 +124,7 @@ def test_kill_9_during_batch_then_resume_gives_every_line_once(
     assert whole.returncode == 0, whole.stderr
     out.unlink()
     rng = random.Random(9)
-    for i in range(ROUNDS):
+    for _ in range(ROUNDS):
         extra = ["--resume"] if out.exists() else []
         _killed_after([*cmd, *extra], home, rng.uniform(0.2, 0.9) * length)
         if out.exists() and rng.random() < 0.5:

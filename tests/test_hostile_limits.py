@@ -15,7 +15,7 @@ from edge_vlm.template import MAX_OUTPUT_CHARS
 
 def test_400000_messages_are_too_many(tiny_vlm):
     msgs = [{"role": "user", "content": "hi"}] * 400_000
-    with pytest.raises(RequestTooLargeError, match="limits.max_messages") as info:
+    with pytest.raises(RequestTooLargeError, match=r"limits\.max_messages") as info:
         tiny_vlm.chat(msgs, max_tokens=2)
     assert info.value.http_status == 413 and "400000 messages" in str(info.value)
     assert tiny_vlm.chat([{"role": "user", "content": "hi"}], max_tokens=2).choices
@@ -23,7 +23,7 @@ def test_400000_messages_are_too_many(tiny_vlm):
 
 def test_a_message_longer_than_the_template_output_limit_is_too_large(tiny_vlm):
     text = "red " * (MAX_OUTPUT_CHARS // 4 + 10)
-    with pytest.raises(RequestTooLargeError, match="limits.max_text_chars") as info:
+    with pytest.raises(RequestTooLargeError, match=r"limits\.max_text_chars") as info:
         tiny_vlm.chat([{"role": "user", "content": text}], max_tokens=2)
     assert info.value.http_status == 413
     assert str(len(text)) in str(info.value)

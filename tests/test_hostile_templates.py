@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -139,3 +138,12 @@ def test_the_child_limits_are_hard():
     from edge_vlm.sandbox import CHILD_CPU_SECONDS
 
     assert proc.stdout.split() == ["refused", str(CHILD_CPU_SECONDS)], proc.stderr
+
+
+@pytest.mark.parametrize("source", [
+    "{{ '%s * %s = %d' % ('a', 'b', 1234567) }}",
+    "{{ 'call 1234567890 {}'.format('now') }}",
+    "{{ '%-10s|' % 'x' }}{{ '{:>8}'.format('y') }}",
+])
+def test_ordinary_formatting_is_not_mistaken_for_an_attack(source):
+    ChatTemplate(source).render(parse_messages(CONVERSATION), "<M>")
