@@ -11,12 +11,12 @@ import copy
 from typing import Any
 
 import pytest
-from fuzz_support import fuzz_settings, requests
 from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_vlm.errors import RequestError
 from edge_vlm.schema import ChatCompletion, ChatCompletionChunk
+from tests.fuzz_support import fuzz_settings, requests
 
 ORDINARY = [{"role": "user", "content": "red square circle"}]
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fuzz_support import fuzz_settings, requests
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fuzz_support import fuzz_settings, requests
 from tests.server_support import Reply, call, data_url
 
 ROOT = Path(__file__).resolve().parent.parent
