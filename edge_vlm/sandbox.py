@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
 from edge_vlm.errors import ModelLoadError
 
@@ -34,6 +35,8 @@ CHILD_CPU_SECONDS = 20
 CHILD_TIMEOUT = 60.0
 
 _MARK = '{"template":'
+#: Part of the remembered checks' key: raise it when the probe or the bounds change.
+_CHECK_VERSION = 1
 _checked: set[str] = set()
 _lock = threading.Lock()
 
@@ -46,15 +49,36 @@ def check_template(source: str, bos: str = "", eos: str = "", *,
     Raises:
         ModelLoadError: naming why the template was refused.
     """
-    key = hashlib.sha256(json.dumps([source, bos, eos]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([source, bos, eos, _CHECK_VERSION]).encode()).hexdigest()
     with _lock:
         if key in _checked:
             return
+    marker = _marker(key)
+    if marker is not None and marker.is_file():
+        with _lock:
+            _checked.add(key)
+        return
     reason = _run_child(source, bos, eos, timeout)
     if reason is not None:
         raise ModelLoadError(f"the model's chat template was refused: {reason}")
     with _lock:
         _checked.add(key)
+    if marker is not None:
+        # Remembered across processes, so that `edge-vlm run` does not pay the child's
+        # start-up on every call; a template that failed is never remembered.
+        with contextlib.suppress(OSError):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+
+
+def _marker(key: str) -> Path | None:
+    """Where a passed check is remembered: ``templates-checked/`` in the cache dir."""
+    try:
+        from edge_vlm.config import cache_dir
+
+        return cache_dir() / "templates-checked" / key
+    except Exception:  # no usable cache dir: check every time
+        return None
 
 
 def check_gguf_template(metadata: Mapping[str, object], shown: str) -> None:

@@ -61,9 +61,11 @@ def test_hostile_templates_are_stopped_in_process(source):
         template.render_prompt(parse_messages(CONVERSATION), "<M>")
 
 
-def test_an_ordinary_template_passes_and_is_probed_once(monkeypatch):
+def test_an_ordinary_template_passes_and_is_probed_once(monkeypatch, tmp_path):
     from edge_vlm import sandbox
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(sandbox, "_checked", set())
     runs: list[str] = []
     real = sandbox._run_child
     monkeypatch.setattr(sandbox, "_run_child",
@@ -73,6 +75,15 @@ def test_an_ordinary_template_passes_and_is_probed_once(monkeypatch):
         out = ChatTemplate(source).render(parse_messages(CONVERSATION), "<M>")
         assert out == "[user] hi\n(ok)"
     assert runs == [source]
+    # Another process (a fresh memory) trusts the marker the first one left.
+    monkeypatch.setattr(sandbox, "_checked", set())
+    ChatTemplate(source)
+    assert runs == [source]
+    assert list((tmp_path / "cache").rglob("templates-checked/*"))
+    # A refused template leaves no marker.
+    with pytest.raises(ModelLoadError):
+        ChatTemplate(HOSTILE["center"])
+    assert len(list((tmp_path / "cache").rglob("templates-checked/*"))) == 1
 
 
 def test_a_template_that_refuses_the_probe_by_its_own_rules_is_accepted():
