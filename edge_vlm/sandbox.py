@@ -172,7 +172,8 @@ def _child_main() -> int:
         return 1
     except Exception as err:  # every failure is the template's; report it
         reason = getattr(err, "message", None) or f"{type(err).__name__}: {err}"
-        reason = str(reason).removeprefix("the model's chat template ")
+        reason = str(reason).removeprefix("the model's chat template ").removeprefix(
+            "was stopped: ")
         print(json.dumps({"template": "error", "reason": str(reason)[:500]}), flush=True)
         return 1
     print(json.dumps({"template": "ok"}), flush=True)

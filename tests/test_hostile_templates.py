@@ -115,12 +115,16 @@ def test_loading_a_model_with_a_hostile_template_fails_with_the_reason(
         edge_vlm.load(hostile_model, tiny_paths.mmproj, threads=1)
 
 
-def _run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _run_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_VLM_")}
     env.update(EDGE_VLM_HOME=str(home), EDGE_VLM_CONFIG=str(home / "none.toml"),
                PYTHONPATH=str(ROOT))
+    return env
+
+
+def _run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edge_vlm.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+                          text=True, env=_run_env(home), timeout=300, stdin=subprocess.DEVNULL)
 
 
 def test_models_import_refuses_a_hostile_template_naming_the_reason(
@@ -158,3 +162,40 @@ def test_the_child_limits_are_hard():
 ])
 def test_ordinary_formatting_is_not_mistaken_for_an_attack(source):
     ChatTemplate(source).render(parse_messages(CONVERSATION), "<M>")
+
+
+def test_serve_reports_a_hostile_template_instead_of_loading_forever(
+        hostile_model: Path, tiny_paths: TinyVLMPaths, tmp_path: Path):
+    import socket
+    import time
+
+    from tests.server_support import call
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = _run_env(tmp_path / "home")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_vlm.cli", "serve", "--model", str(hostile_model),
+         "--mmproj", str(tiny_paths.mmproj), "--port", str(port)],
+        env={**env, "EDGE_VLM_STORE__CHECK_LOAD": "false"}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        while True:
+            assert time.monotonic() < deadline, "still loading after 120 s"
+            try:
+                reply = call(port, "POST", "/v1/chat/completions", body, timeout=60)
+            except OSError:
+                time.sleep(0.3)
+                continue
+            if reply.status != 503:
+                break
+            time.sleep(0.3)
+        assert reply.status != 200
+        assert "argument 4000000000 is too large" in reply.error["message"]
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
