@@ -3,13 +3,17 @@
 A schema becomes a GBNF grammar (llama-cpp-python's converter) that llama.cpp parses with
 recursive descent: a ``maxLength``, ``maxItems`` or pattern ``{m,n}`` of N becomes N nested
 optional groups, and a deep enough nest overflows the native stack and kills the process
-(SIGSEGV) instead of failing. Measured with llama-cpp-python 0.3.36 (``benchmarks`` were
-not involved; see the numbers below): nested groups crash between 16,000 and 19,000
-levels on an 8 MiB thread stack and between 1,000 and 1,500 on a 512 KiB one (macOS's
-default for threads); below the crash, llama.cpp itself refuses more than ~1,000 nested
-repetitions ("number of rules ... exceeds sane defaults"). So every count a schema names
-is bounded by :data:`MAX_REPETITION` and the grammar's nesting by :data:`MAX_GRAMMAR_NESTING`,
-both at or below what even a 512 KiB stack survives, before llama.cpp sees it.
+(SIGSEGV) instead of failing. Measured with llama-cpp-python 0.3.36 on this project's
+machine (``llama_sampler_init_grammar`` on ``("a" ("a" ...)?)?`` in a thread of a given
+stack size): on an 8 MiB stack (Linux's default) the parse crashes between 16,000 and
+19,000 nested groups, and the schema repetitions of 20,000-30,000 a client sent crashed
+it; on a 512 KiB stack (macOS's default for threads) it crashes between 1,150 and 1,200;
+below a crash, llama.cpp itself refuses more than 1,000 nested repetitions ("number of
+rules ... exceeds sane defaults"): 1,000 parses, 1,010 is refused. So every count a schema
+names is bounded by :data:`MAX_REPETITION` and the grammar's nesting by
+:data:`MAX_GRAMMAR_NESTING` (1,000: what llama.cpp accepts, and below the crash on either
+stack) before llama.cpp sees it; what is left is refused by llama.cpp's own parser
+without harm, and reported.
 
 No llama_cpp here: :func:`check_schema` and :func:`check_grammar` are pure Python; the
 backend converts and compiles once these passed.

@@ -361,9 +361,12 @@ class ChatTemplate:
                          image: Callable[[], str]) -> dict[str, Any]:
         """The template's view of a message: each text through ``text`` (itself, or a
         placeholder), each image as ``image()`` (the marker, or a placeholder)."""
+        head: dict[str, Any] = {"role": message.role}
+        if message.name:  # templates that print it get it as message text, never as tokens
+            head["name"] = text(message.name)
         content = message.content
         if content is None or isinstance(content, str):
-            return {"role": message.role, "content": text(content) if content else ""}
+            return {**head, "content": text(content) if content else ""}
         parts: list[dict[str, str]] = []
         for part in content:
             if isinstance(part, TextPart):
@@ -372,13 +375,15 @@ class ChatTemplate:
                 # As llama.cpp's server does: the image becomes the media marker, as text.
                 parts.append({"type": "text", "text": image()})
         if self.typed_content:
-            return {"role": message.role, "content": parts}
-        return {"role": message.role, "content": "".join(p["text"] for p in parts)}
+            return {**head, "content": parts}
+        return {**head, "content": "".join(p["text"] for p in parts)}
 
 
 def _texts(messages: list[ChatMessage]) -> list[str]:
     out: list[str] = []
     for m in messages:
+        if m.name:
+            out.append(m.name)
         if isinstance(m.content, str):
             out.append(m.content)
         elif isinstance(m.content, list):
