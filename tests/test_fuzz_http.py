@@ -43,7 +43,9 @@ class Server:
         self.port = port
 
     def post(self, body: bytes) -> Reply:
-        return call(self.port, "POST", PATH, raw=body, timeout=120)
+        # Hugging Face's header: answer from the model, not from the response cache.
+        return call(self.port, "POST", PATH, raw=body, timeout=120,
+                    headers={"x-use-cache": "false"})
 
 
 @pytest.fixture(scope="module")
