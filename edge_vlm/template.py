@@ -13,6 +13,7 @@ import functools
 import operator
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,6 +216,7 @@ class ChatTemplate:
 
     def __post_init__(self) -> None:
         self.is_fallback = not self.source
+        self._lock = threading.Lock()
         if self.source and self.check_in_child:
             from edge_vlm.sandbox import check_template
 
@@ -240,6 +242,12 @@ class ChatTemplate:
 
     def _render_raw(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                     input_chars: int = 0) -> str:
+        # The bounds live on the environment: one render at a time sets and reads them.
+        with self._lock:
+            return self._render_locked(messages, add_generation_prompt, input_chars)
+
+    def _render_locked(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                       input_chars: int) -> str:
         env = self._env
         env.deadline = time.monotonic() + MAX_RENDER_SECONDS
         # The conversation's own text may be large; what the template adds may not.
