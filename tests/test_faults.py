@@ -38,10 +38,21 @@ def _cli(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedPr
                           cwd=ROOT)
 
 
-def _killed_after(cmd: list[str], home: Path, delay: float) -> int:
-    """Start ``cmd``, SIGKILL it after ``delay`` seconds (if still running); its exit code."""
+def _killed_after(cmd: list[str], home: Path, delay: float, *,
+                  after_file: Path | None = None) -> int:
+    """Start ``cmd``, SIGKILL it ``delay`` seconds later (if still running), counted from
+    its start or from when a file matching ``after_file`` (a glob) appears; its exit code."""
+    def present() -> set[Path]:
+        return set(after_file.parent.glob(after_file.name)) if after_file else set()
+
+    before = present()  # a dead run's leftovers do not count
     proc = subprocess.Popen(cmd, env=_env(home), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    if after_file is not None:
+        deadline = time.monotonic() + 120
+        while (proc.poll() is None and time.monotonic() < deadline
+               and not present() - before):
+            time.sleep(0.001)
     try:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
@@ -75,9 +86,14 @@ def test_kill_9_during_models_import_never_leaves_a_half_model(
     assert first.returncode == 0, first.stderr
     rng = random.Random(21)
     killed = 0
+    staging = home / "models" / "tmp" / "*.part"
     for i in range(ROUNDS):
         name = f"k{i}"
-        rc = _killed_after([*cmd, "--name", name], home, rng.uniform(0.05, 1.1) * length)
+        if i % 2:  # anywhere in the run: start-up, hashing, the child load check, registering
+            rc = _killed_after([*cmd, "--name", name], home, rng.uniform(0.05, 1.1) * length)
+        else:  # while a file is being copied into the store
+            rc = _killed_after([*cmd, "--name", name], home, rng.uniform(0.0, 0.08),
+                               after_file=staging)
         killed += rc == -signal.SIGKILL
         verify = _cli(home, "models", "verify")
         assert verify.returncode == 0, (i, verify.stdout, verify.stderr)
