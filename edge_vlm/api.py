@@ -29,7 +29,9 @@ from edge_vlm.config import Settings, load_settings
 from edge_vlm.engine import Engine, GenerationParams, PromptImage
 from edge_vlm.errors import RequestError
 from edge_vlm.images import ImagePolicy, load_image
+from edge_vlm.limits import check_request_size
 from edge_vlm.loader import LoadedModel, load_model
+from edge_vlm.prompt import RenderedPrompt
 from edge_vlm.schema import (
     AssistantMessage,
     ChatCompletion,
@@ -294,12 +296,12 @@ class VLM:
         policy: ImagePolicy | None = None,
     ) -> Iterator[ChatCompletionChunk]:
         t_start = time.perf_counter()
+        prompt = self.render_prompt(request.messages)
         images = self.load_images(request.messages, policy)
-        text = self.render(request.messages)
         params = self._params(request)
         params.max_image_tokens = self.image_budget([im.detail for im in images])
         cid, created = new_completion_id(), now()
-        events = self.engine.generate(text, images, params, cancel=cancel, t_start=t_start)
+        events = self.engine.generate(prompt, images, params, cancel=cancel, t_start=t_start)
         return self._chunks(request, events, cid, created)
 
     def _chunks(self, request: ChatCompletionRequest, events: Any, cid: str,
@@ -418,7 +420,17 @@ class VLM:
 
     def render(self, messages: list[ChatMessage]) -> str:
         """The prompt text, one media marker per image."""
-        return self._template.render(messages, self.engine.backend.marker)
+        return self.render_prompt(messages).text
+
+    def render_prompt(self, messages: list[ChatMessage]) -> RenderedPrompt:
+        """The prompt as template text, message text and image places (message text is
+        tokenized as plain text: it cannot forge a turn or move an image).
+
+        Raises:
+            RequestTooLargeError: more messages or text than ``limits`` allow.
+        """
+        check_request_size(messages, self.settings.limits)
+        return self._template.render_prompt(messages, self.engine.backend.marker)
 
     def _params(self, request: ChatCompletionRequest) -> GenerationParams:
         s = self.settings.sampling
@@ -431,7 +443,7 @@ class VLM:
             if schema is not None:
                 from edge_vlm.backend import json_schema_grammar
 
-                grammar = json_schema_grammar(schema)
+                grammar = json_schema_grammar(schema, request.response_format.schema_field())
         temperature = request.temperature if request.temperature is not None else s.temperature
         return GenerationParams(
             max_tokens=request.token_limit or s.max_tokens,
@@ -447,8 +459,20 @@ class VLM:
                 presence_penalty=request.presence_penalty or 0.0,
                 seed=request.seed,
                 grammar=grammar,
+                logit_bias=self._logit_bias(request),
             ),
         )
+
+    def _logit_bias(self, request: ChatCompletionRequest) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token, bias) pairs, checked against the vocabulary now, before
+        any model work."""
+        if not request.logit_bias:
+            return ()
+        from edge_vlm.backend import check_logit_bias
+
+        pairs = tuple((int(k), float(v)) for k, v in request.logit_bias.items())
+        check_logit_bias(pairs, self.engine.backend.n_vocab)
+        return pairs
 
     # -- debugging hooks (parity checks and tests) -----------------------------------
 
@@ -458,7 +482,8 @@ class VLM:
 
         req = self._request(messages, False, {})
         images = self.load_images(req.messages)
-        with self.engine.lock, self.engine.tokenize(self.render(req.messages), images) as ch:
+        prompt = self.render_prompt(req.messages)
+        with self.engine.lock, self.engine.tokenize(prompt, images) as ch:
             return [("text", list(c.tokens)) if isinstance(c, TextChunk) else ("image", c.n_tokens)
                     for c in ch.items]
 
@@ -466,7 +491,7 @@ class VLM:
         """Logits at the last prompt position (generation prompt added)."""
         req = self._request(messages, False, {})
         images = self.load_images(req.messages)
-        return self.engine.prompt_logits(self.render(req.messages), images)
+        return self.engine.prompt_logits(self.render_prompt(req.messages), images)
 
     def debug_image_embeddings(self, url: str) -> npt.NDArray[np.float32]:
         """The vision encoder's output for one image: ``[n_tokens, n_embd]``."""

@@ -32,7 +32,8 @@ from edge_vlm.chunks import (
     next_tile,
     share_copied_slice,
 )
-from edge_vlm.errors import GenerationError, ModelLoadError
+from edge_vlm.errors import GenerationError, ModelLoadError, RequestError
+from edge_vlm.prompt import RenderedPrompt
 
 __all__ = [
     "Backend",
@@ -75,6 +76,16 @@ def _init_once(verbose: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+
+
+def _input_text(text: str, *, parse_special: bool, add_special: bool) -> Any:
+    raw = text.encode()
+    inp = mtmd.mtmd_input_text()
+    inp.text = raw
+    inp.text_len = len(raw)
+    inp.add_special = add_special
+    inp.parse_special = parse_special
+    return inp
 
 
 class PromptChunks:
@@ -278,16 +289,26 @@ class Backend:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     def tokenize_prompt(
-        self, text: str, images: Sequence[RGBImage], max_image_tokens: int = 0
+        self, prompt: str | RenderedPrompt, images: Sequence[RGBImage],
+        max_image_tokens: int = 0,
     ) -> PromptChunks:
-        """Tokenize a rendered prompt holding one marker per image (BOS added if the model
-        wants one), images preprocessed for an image-token budget (0: full detail).
+        """Tokenize a prompt with its images (BOS added if the model wants one), images
+        preprocessed for an image-token budget (0: full detail).
+
+        A :class:`~edge_vlm.prompt.RenderedPrompt` keeps message text plain: special tokens
+        are parsed only in the template's pieces, and each image place becomes exactly its
+        image's chunks (see :meth:`prompt_parts`). A string is tokenized as a whole, special
+        tokens parsed and each media marker standing for the next image (trusted text only).
 
         Raises:
-            GenerationError: the marker and image counts differ or libmtmd failed.
+            RequestError: a message text holds a control token and the template's output
+                could not be cut apart (see ``RenderedPrompt.unchecked_texts``).
+            GenerationError: the image places and image counts differ or libmtmd failed.
         """
+        parts = None if isinstance(prompt, str) else self.prompt_parts(prompt)
         bitmaps = []
         native = None
+        keep: list[Any] = []  # ctypes objects libmtmd reads during the call
         try:
             for img in images:
                 buf = (ctypes.c_uint8 * len(img.data)).from_buffer_copy(img.data)
@@ -297,15 +318,33 @@ class Backend:
                 mtmd.mtmd_bitmap_set_id(bmp, img.identity.encode())
                 bitmaps.append(bmp)
             native = mtmd.mtmd_input_chunks_init()
-            raw = text.encode()
-            inp = mtmd.mtmd_input_text()
-            inp.text = raw
-            inp.text_len = len(raw)
-            inp.add_special = True
-            inp.parse_special = True
-            arr = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
             mctx = self.mtmd_for(max_image_tokens)
-            rc = mtmd.mtmd_tokenize(mctx, native, ctypes.byref(inp), arr, len(bitmaps))
+            if parts is None:
+                assert isinstance(prompt, str)
+                inp = _input_text(prompt, parse_special=True, add_special=True)
+                arr = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+                rc = mtmd.mtmd_tokenize(mctx, native, ctypes.byref(inp), arr, len(bitmaps))
+            else:
+                n_places = sum(1 for part in parts if part is None)
+                if n_places != len(bitmaps):
+                    raise GenerationError(
+                        f"the prompt has {n_places} image places for {len(bitmaps)} images; "
+                        "the chat template may have dropped or repeated an image")
+                pointers = []
+                images_left = iter(bitmaps)
+                for part in parts:
+                    item = mtmd.mtmd_input_part()
+                    if part is None:
+                        item.bitmap = next(images_left)
+                    else:
+                        text = _input_text(part[0], parse_special=part[1], add_special=False)
+                        keep.append(text)
+                        item.text = ctypes.pointer(text)
+                    keep.append(item)
+                    pointers.append(ctypes.pointer(item))
+                arr_parts = (ctypes.POINTER(mtmd.mtmd_input_part) * max(1, len(pointers)))(
+                    *pointers)
+                rc = mtmd.mtmd_tokenize_from_parts(mctx, native, arr_parts, len(pointers), True)
             if rc == 1:
                 raise GenerationError(
                     f"the prompt has a different number of image markers than images "
@@ -313,33 +352,7 @@ class Backend:
                 )
             if rc != 0:
                 raise GenerationError(f"libmtmd could not tokenize the prompt (error {rc})")
-            items: list[Chunk] = []
-            for i in range(mtmd.mtmd_input_chunks_size(native)):
-                ch = mtmd.mtmd_input_chunks_get(native, i)
-                kind = mtmd.mtmd_input_chunk_get_type(ch)
-                if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                    n = ctypes.c_size_t()
-                    ptr = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
-                    items.append(TextChunk(tuple(ptr[j] for j in range(n.value))))
-                elif kind == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    it = mtmd.mtmd_input_chunk_get_tokens_image(ch)
-                    cid = mtmd.mtmd_input_chunk_get_id(ch)
-                    # Tiling projectors give every tile of an image the image's id: number
-                    # them, so each tile has its own cache identity.
-                    base = cid.decode() if cid else ""
-                    tile = next_tile(items, base)
-                    items.append(ImageChunk(
-                        index=i,
-                        identity=f"{base}#{tile}",
-                        image=base,
-                        tile=tile,
-                        n_tokens=int(mtmd.mtmd_input_chunk_get_n_tokens(ch)),
-                        n_pos=int(mtmd.mtmd_input_chunk_get_n_pos(ch)),
-                        nx=int(mtmd.mtmd_image_tokens_get_nx(it)),
-                        ny=int(mtmd.mtmd_image_tokens_get_ny(it)),
-                    ))
-                else:
-                    raise GenerationError("audio input is not supported")
+            items = self._read_chunks(native)
             side = self.cfg.one_tile_side
             if side and max_image_tokens:
                 square = {im.identity for im in images if im.width == im.height == side}
@@ -352,6 +365,115 @@ class Backend:
                 mtmd.mtmd_input_chunks_free(native)
             for bmp in bitmaps:
                 mtmd.mtmd_bitmap_free(bmp)
+
+    def _read_chunks(self, native: Any) -> list[Chunk]:
+        items: list[Chunk] = []
+        for i in range(mtmd.mtmd_input_chunks_size(native)):
+            ch = mtmd.mtmd_input_chunks_get(native, i)
+            kind = mtmd.mtmd_input_chunk_get_type(ch)
+            if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(ch, ctypes.byref(n))
+                items.append(TextChunk(tuple(ptr[j] for j in range(n.value))))
+            elif kind == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                it = mtmd.mtmd_input_chunk_get_tokens_image(ch)
+                cid = mtmd.mtmd_input_chunk_get_id(ch)
+                # Tiling projectors give every tile of an image the image's id: number
+                # them, so each tile has its own cache identity.
+                base = cid.decode() if cid else ""
+                tile = next_tile(items, base)
+                items.append(ImageChunk(
+                    index=i,
+                    identity=f"{base}#{tile}",
+                    image=base,
+                    tile=tile,
+                    n_tokens=int(mtmd.mtmd_input_chunk_get_n_tokens(ch)),
+                    n_pos=int(mtmd.mtmd_input_chunk_get_n_pos(ch)),
+                    nx=int(mtmd.mtmd_image_tokens_get_nx(it)),
+                    ny=int(mtmd.mtmd_image_tokens_get_ny(it)),
+                ))
+            else:
+                raise GenerationError("audio input is not supported")
+        return items
+
+    def _special_attr(self, token: int) -> int:
+        """The token's attributes if the tokenizer treats it as a control token, else 0."""
+        attr = int(llama_cpp.llama_vocab_get_attr(self._vocab, token))
+        special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        return attr if attr & special else 0
+
+    def prompt_parts(self, prompt: RenderedPrompt) -> list[tuple[str, bool] | None]:
+        """The libmtmd input parts of a rendered prompt: ``(text, parse_special)`` or None
+        for an image.
+
+        The parts reproduce how llama.cpp tokenizes a whole prompt: it cuts the text at
+        control tokens and tokenizes each run of text between them separately. Here only
+        the template's pieces are searched for control tokens; a run of plain text joins
+        template text and message text as the whole-prompt tokenizer would, so an ordinary
+        prompt gives the same tokens as before, and message text never yields a control
+        token or an image.
+
+        Raises:
+            RequestError: an unchecked message text holds a control token.
+        """
+        for i, text in enumerate(prompt.unchecked_texts):
+            self._refuse_control_tokens(text, i)
+        lstrip = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP
+        rstrip = llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
+        spaces = " \t\n\v\f\r"
+        out: list[tuple[str, bool] | None] = []
+        strip_next = False
+
+        def add_plain(text: str) -> None:
+            nonlocal strip_next
+            if strip_next:
+                text = text.lstrip(spaces)
+                strip_next = not text
+            last = out[-1] if out else None
+            if last is not None and not last[1]:
+                out[-1] = (last[0] + text, False)
+            elif text:
+                out.append((text, False))
+
+        for piece in prompt.pieces:
+            if piece.kind == "image":
+                out.append(None)
+                strip_next = False
+                continue
+            if piece.kind == "text":
+                add_plain(piece.text)
+                continue
+            cursor = 0
+            for token in self.tokenize_text(piece.text, add_special=False, parse_special=True):
+                attr = self._special_attr(token)
+                if not attr:
+                    continue
+                shown = self.token_piece(token, special=True).decode("utf-8", "replace")
+                at = piece.text.find(shown, cursor)
+                if at < 0:  # a piece that does not spell the token: keep the text whole
+                    continue
+                add_plain(piece.text[cursor:at])
+                last = out[-1] if out else None
+                if attr & lstrip and last is not None and not last[1]:
+                    kept = last[0].rstrip(spaces)
+                    if kept:
+                        out[-1] = (kept, False)
+                    else:
+                        out.pop()
+                out.append((shown, True))
+                strip_next = bool(attr & rstrip)
+                cursor = at + len(shown)
+            add_plain(piece.text[cursor:])
+        return out
+
+    def _refuse_control_tokens(self, text: str, index: int) -> None:
+        for token in self.tokenize_text(text, add_special=False, parse_special=True):
+            if self._special_attr(token):
+                shown = self.token_piece(token, special=True).decode("utf-8", "replace")
+                raise RequestError(
+                    f"messages: a message text holds the model's control token {shown!r}, and "
+                    "this model's chat template rewrites message text, so the token cannot be "
+                    "kept as plain text; remove it", param=f"messages (text {index})")
 
     # -- KV cache and evaluation --------------------------------------------------------
 
@@ -447,23 +569,52 @@ class Backend:
         self.close()
 
 
+#: numpy's view of ``llama_token_data`` (id, logit, p).
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
 class Sampler:
-    """llama.cpp's sampler chain: penalties, grammar, then greedy or top-k/p/min-p + temp."""
+    """llama.cpp's sampler chain: logit bias, penalties, grammar, then greedy or
+    top-k/p/min-p + temperature + a seeded draw.
+
+    Raises:
+        RequestError: a logit-bias token id outside the vocabulary, or a grammar llama.cpp
+            refuses.
+    """
+
+    #: Tokens the repetition penalties look back over (llama.cpp's common default).
+    PENALTY_LAST_N = 64
 
     def __init__(self, backend: Backend, p: SamplerParams) -> None:
         self._backend = backend
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self._chain = chain
         add = llama_cpp.llama_sampler_chain_add
+        n_vocab = backend.n_vocab
+        if p.logit_bias:
+            check_logit_bias(p.logit_bias, n_vocab)
+            arr = (llama_cpp.llama_logit_bias * len(p.logit_bias))()
+            for i, (token, bias) in enumerate(p.logit_bias):
+                arr[i] = llama_cpp.llama_logit_bias(token, bias)
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             add(chain, llama_cpp.llama_sampler_init_penalties(
-                64, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+                n_vocab, self.PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty,
+                p.presence_penalty))
+        self._grammar: Any = None
         if p.grammar is not None:
+            # Kept out of the chain: a grammar that allows no token would make the chain
+            # pick a forbidden one, and llama.cpp aborts the process on accepting it.
             g = llama_cpp.llama_sampler_init_grammar(backend._vocab, p.grammar.encode(), b"root")
             if not g:
                 self.close()
-                raise GenerationError("llama.cpp could not compile the response_format grammar")
-            add(chain, g)
+                raise RequestError(
+                    "response_format: llama.cpp refused the grammar made from the JSON schema "
+                    "(too many repetitions or rules); simplify the schema",
+                    param="response_format")
+            self._grammar = g
+            self._ids = np.arange(n_vocab, dtype=np.int32)
+            self._cand = np.zeros(n_vocab, dtype=_TOKEN_DATA)
         if p.temperature <= 0.0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
@@ -476,13 +627,52 @@ class Sampler:
             add(chain, llama_cpp.llama_sampler_init_dist(seed))
 
     def sample(self) -> int:
-        """Sample the next token from the last logits (and accept it into the chain)."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, self._backend._ctx, -1))
+        """Sample the next token from the last logits (and accept it into the chain).
+
+        Raises:
+            RequestError: the response_format grammar allows no token at this point.
+        """
+        if self._grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self._chain, self._backend._ctx, -1))
+        backend = self._backend
+        cand = self._cand
+        ptr = llama_cpp.llama_get_logits_ith(backend._ctx, -1)
+        cand["id"] = self._ids  # the chain sorts the array in place: lay it out anew
+        cand["logit"] = np.ctypeslib.as_array(ptr, shape=(backend.n_vocab,))
+        cand["p"] = 0.0
+        arr = llama_cpp.llama_token_data_array(
+            data=cand.ctypes.data_as(llama_cpp.llama_token_data_p), size=len(cand),
+            selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(arr))
+        if not np.isfinite(cand["logit"][:arr.size]).any():
+            raise RequestError(
+                "response_format: the JSON schema allows no text this model can write at this "
+                "point of the answer (an empty character range or an impossible pattern?)",
+                param="response_format")
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        if not 0 <= arr.selected < arr.size:
+            raise GenerationError("llama.cpp's sampler chain selected no token")
+        token = int(cand["id"][arr.selected])
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        return token
 
     def close(self) -> None:
         if self._chain is not None:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+        if getattr(self, "_grammar", None) is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+def check_logit_bias(bias: Sequence[tuple[int, float]], n_vocab: int) -> None:
+    """Raise RequestError for a ``logit_bias`` token id the vocabulary does not have."""
+    for token, _ in bias:
+        if not 0 <= token < n_vocab:
+            raise RequestError(
+                f"logit_bias.{token}: no such token; this model's token ids run from 0 to "
+                f"{n_vocab - 1}", param=f"logit_bias.{token}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -506,17 +696,45 @@ def system_info() -> dict[str, str]:
     }
 
 
-def json_schema_grammar(schema: dict[str, Any]) -> str:
-    """A GBNF grammar for a JSON schema (llama-cpp-python's converter)."""
+def json_schema_grammar(schema: dict[str, Any],
+                        field: str = "response_format.json_schema.schema") -> str:
+    """A GBNF grammar for a JSON schema (llama-cpp-python's converter), checked so that
+    llama.cpp can take it without crashing (see :mod:`edge_vlm.grammar`).
+
+    Args:
+        schema: The JSON schema.
+        field: Where it is in the request (named in errors).
+
+    Raises:
+        RequestError: the schema is unsupported or beyond the bounds, naming its part;
+            :class:`~edge_vlm.errors.RequestTooLargeError` for size limits.
+    """
     import json
 
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+    from edge_vlm.grammar import check_grammar, check_schema
+
+    check_schema(schema, field)
     try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
-    except Exception as err:
-        raise GenerationError(f"cannot turn response_format's JSON schema into a grammar: {err}") \
+        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
+    except RecursionError:
+        raise RequestError(f"{field}: the schema refers to itself too deeply", param=field) \
             from None
+    except Exception as err:  # the converter raises ValueError, AssertionError, KeyError...
+        raise RequestError(f"{field}: the runtime cannot turn this JSON schema into a "
+                           f"grammar: {err}", param=field) from None
+    check_grammar(grammar, field)
+    _init_once(_verbose)
+    # Parse it once here, before any model work (no vocabulary is needed to parse).
+    sampler = llama_cpp.llama_sampler_init_grammar(None, grammar.encode(), b"root")
+    if not sampler:
+        raise RequestError(
+            f"{field}: llama.cpp refused the grammar made from this schema (too many "
+            "repetitions or rules, or a rule that refers to itself first); simplify it",
+            param=field)
+    llama_cpp.llama_sampler_free(sampler)
+    return grammar
 
 
 QUANT_TYPES = {

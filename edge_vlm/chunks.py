@@ -97,6 +97,8 @@ class SamplerParams:
     presence_penalty: float
     seed: int | None
     grammar: str | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling."""
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,15 @@ class SamplingSettings(_Section):
     max_tokens: int = Field(default=512, ge=1)
 
 
+class LimitSettings(_Section):
+    """Bounds on one request, checked before the chat template runs (413 beyond)."""
+
+    max_messages: int = Field(default=4096, ge=1)
+    """Most messages in one conversation."""
+    max_text_chars: int = Field(default=1_000_000, ge=1)
+    """Most characters of message text in one conversation, all messages together."""
+
+
 class CacheSettings(_Section):
     """Reuse of earlier work."""
 
@@ -213,6 +222,7 @@ class Settings(BaseSettings):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     tui: TuiSettings = Field(default_factory=TuiSettings)

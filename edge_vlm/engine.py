@@ -31,6 +31,7 @@ from edge_vlm.backend import (
 from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.embcache import EmbeddingCache
 from edge_vlm.errors import ContextOverflowError, GenerationError
+from edge_vlm.prompt import RenderedPrompt
 from edge_vlm.schema import FinishReason, GenerationStats, ImageStats
 from edge_vlm.stops import StopFilter
 
@@ -105,9 +106,11 @@ class Engine:
     # -- prompt ----------------------------------------------------------------------
 
     def tokenize(
-        self, text: str, images: Sequence[PromptImage], max_image_tokens: int = 0
+        self, text: str | RenderedPrompt, images: Sequence[PromptImage],
+        max_image_tokens: int = 0,
     ) -> PromptChunks:
-        """Tokenize a rendered prompt with its images (caller closes the result)."""
+        """Tokenize a rendered prompt with its images (caller closes the result); message
+        text in a :class:`~edge_vlm.prompt.RenderedPrompt` stays plain text."""
         return self.backend.tokenize_prompt(text, [im.rgb for im in images], max_image_tokens)
 
     @staticmethod
@@ -241,7 +244,7 @@ class Engine:
 
     def generate(
         self,
-        text: str,
+        text: str | RenderedPrompt,
         images: Sequence[PromptImage],
         params: GenerationParams,
         *,
@@ -262,7 +265,7 @@ class Engine:
 
     def _generate_locked(
         self,
-        text: str,
+        text: str | RenderedPrompt,
         images: Sequence[PromptImage],
         params: GenerationParams,
         cancel: threading.Event | None,
@@ -373,7 +376,9 @@ class Engine:
 
     # -- debugging hooks (parity checks, tests) --------------------------------------
 
-    def prompt_logits(self, text: str, images: Sequence[PromptImage]) -> npt.NDArray[np.float32]:
+    def prompt_logits(
+        self, text: str | RenderedPrompt, images: Sequence[PromptImage]
+    ) -> npt.NDArray[np.float32]:
         """Logits at the last prompt position (evaluating through the prefix cache)."""
         with self.lock, self.tokenize(text, images) as chunks:
             self.check_fits(chunks, 0)

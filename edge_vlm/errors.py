@@ -98,3 +98,10 @@ class ConfigError(EdgeVLMError):
 
 class StoreError(EdgeVLMError):
     """The model store could not complete an operation."""
+
+
+class RequestTooLargeError(RequestError):
+    """A request exceeds a size limit (messages, text, schema): the message names the limit
+    and the setting that raises it."""
+
+    http_status = 413

@@ -18,10 +18,24 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edge_vlm.errors import RequestError
+from edge_vlm.errors import RequestError, RequestTooLargeError
 
 #: The largest ``max_tokens`` accepted before the context check (a sanity bound).
 MAX_TOKENS_LIMIT = 1_000_000
+#: ``frequency_penalty`` / ``presence_penalty`` range (OpenAI's).
+PENALTY_LIMIT = 2.0
+#: Largest ``repeat_penalty`` (llama.cpp divides logits by it; it must be above 0).
+MAX_REPEAT_PENALTY = 10.0
+#: Largest ``top_k`` (beyond any vocabulary; llama.cpp takes a 32-bit int).
+MAX_TOP_K = 1_000_000
+#: Most ``logit_bias`` entries and their value range (OpenAI's).
+MAX_LOGIT_BIAS_ENTRIES = 1024
+LOGIT_BIAS_LIMIT = 100.0
+#: Most stop strings and the longest one.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1000
+#: Deepest nesting of lists and objects in a request given to :func:`parse_request`.
+MAX_NESTING = 64
 
 Detail = Literal["auto", "low", "high"]
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -132,6 +146,12 @@ class ResponseFormat(_Model):
             raise ValueError("response_format.type is 'json_schema' but json_schema is missing")
         return self.json_schema.schema_ or {"type": "object"}
 
+    def schema_field(self) -> str:
+        """Where :meth:`schema_dict`'s schema is in the request (for error messages)."""
+        if self.type == "json_schema":
+            return "response_format.json_schema.schema"
+        return "response_format.value"
+
 
 class StreamOptions(_Model):
     """``stream_options``: ``include_usage`` adds a last chunk carrying usage."""
@@ -159,8 +179,14 @@ class ChatCompletionRequest(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     frequency_penalty: float | None = None
+    """-2 to 2 (OpenAI): subtracted from a token's logit once per earlier occurrence."""
     presence_penalty: float | None = None
+    """-2 to 2 (OpenAI): subtracted from a token's logit once if it occurred before."""
     repeat_penalty: float | None = None
+    """Above 0, at most 10 (llama.cpp's): 1 is off, above 1 discourages repeats."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string, as OpenAI sends it) to a bias from -100 to 100 added to its
+    logit; -100 bans a token, 100 all but forces it."""
     response_format: ResponseFormat | None = None
     n: int | None = None
     """Only 1 is supported."""
@@ -178,6 +204,43 @@ class ChatCompletionRequest(_Model):
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError(f"must be a finite number, got {v}")
+        return v
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _penalty_range(cls, v: float | None) -> float | None:
+        if v is not None and not -PENALTY_LIMIT <= v <= PENALTY_LIMIT:
+            raise ValueError(f"must be between -{PENALTY_LIMIT:g} and {PENALTY_LIMIT:g}, got {v}")
+        return v
+
+    @field_validator("repeat_penalty")
+    @classmethod
+    def _repeat_penalty_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= MAX_REPEAT_PENALTY:
+            raise ValueError(
+                f"must be above 0 and at most {MAX_REPEAT_PENALTY:g} (1: off), got {v}")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_range(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_TOP_K:
+            raise ValueError(f"must be between 0 (off) and {MAX_TOP_K}, got {v}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"holds {len(v)} entries; at most {MAX_LOGIT_BIAS_ENTRIES}")
+        for key, bias in v.items():
+            if not key.isascii() or not key.isdigit() or len(key) > 9:
+                raise ValueError(f"keys must be token ids (0, 1, 2, ...), got {key!r}")
+            if not math.isfinite(bias) or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+                raise ValueError(f"the bias of token {key} must be between "
+                                 f"-{LOGIT_BIAS_LIMIT:g} and {LOGIT_BIAS_LIMIT:g}, got {bias}")
         return v
 
     @field_validator("temperature")
@@ -207,6 +270,10 @@ class ChatCompletionRequest(_Model):
         items = [v] if isinstance(v, str) else (v or [])
         if any(s == "" for s in items):
             raise ValueError("stop strings must not be empty")
+        if len(items) > MAX_STOP_STRINGS:
+            raise ValueError(f"holds {len(items)} stop strings; at most {MAX_STOP_STRINGS}")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
         return v
 
     @property
@@ -427,10 +494,62 @@ def parse_request(data: ChatCompletionRequest | dict[str, Any]) -> ChatCompletio
         return data
     if not isinstance(data, dict):
         raise RequestError(f"request: expected a JSON object, got {type(data).__name__}")
+    check_text_and_nesting(data)
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as err:
         raise format_validation_error(err, data) from None
+
+
+def _path(parts: list[int | str]) -> str:
+    out = ""
+    for item in parts:
+        out += f"[{item}]" if isinstance(item, int) else (f".{item}" if out else str(item))
+    return out or "request"
+
+
+def _lone_surrogate(text: str) -> int:
+    """The index of the first lone UTF-16 surrogate in ``text``, or -1."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return -1
+
+
+def check_text_and_nesting(data: Any) -> None:
+    """Refuse text that is not text and nesting deeper than :data:`MAX_NESTING`.
+
+    JSON allows ``"\ud800"``, a lone UTF-16 surrogate, which no UTF-8 encoder (the
+    tokenizer's, the grammar's) accepts. Walked without recursion, so a hostile depth
+    cannot exhaust Python's stack.
+
+    Raises:
+        RequestError: naming the field, e.g. ``messages[0].content[1].text``.
+    """
+    stack: list[tuple[Any, list[int | str]]] = [(data, [])]
+    while stack:
+        node, where = stack.pop()
+        if len(where) > MAX_NESTING:
+            raise RequestTooLargeError(
+                f"{_path(where)}: the request is nested deeper than {MAX_NESTING} levels",
+                param=_path(where))
+        if isinstance(node, str):
+            at = _lone_surrogate(node)
+            if at >= 0:
+                raise RequestError(
+                    f"{_path(where)}: holds a lone UTF-16 surrogate "
+                    f"(U+{ord(node[at]):04X} at character {at}), which is not text; send "
+                    "valid Unicode", param=_path(where))
+        elif isinstance(node, dict):
+            for key, value in reversed(list(node.items())):
+                if isinstance(key, str) and _lone_surrogate(key) >= 0:
+                    raise RequestError(
+                        f"{_path(where)}: a key holds a lone UTF-16 surrogate, which is not "
+                        "text; send valid Unicode", param=_path(where))
+                stack.append((value, [*where, str(key)]))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((value, [*where, i]) for i, value in reversed(list(enumerate(node))))
 
 
 def parse_messages(messages: list[Any]) -> list[ChatMessage]:

@@ -161,6 +161,9 @@ def import_pair(
     src = {ROLE_MODEL: _source_file(model, "model"), ROLE_MMPROJ: _source_file(mmproj, "mmproj")}
     shown = (str(model), str(mmproj))
     info, proj = check_pair(src[ROLE_MODEL], src[ROLE_MMPROJ], shown)
+    from edge_vlm.sandbox import check_gguf_template
+
+    check_gguf_template(info.metadata, shown[0])  # a hostile chat template is refused here
     facts = facts_from(info, proj)
     final = check_name(name) if name else check_name(slug(src[ROLE_MODEL].stem))
     if final in DEFAULT_NAMES:
