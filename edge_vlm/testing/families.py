@@ -85,7 +85,7 @@ _LFM2_TOKENS: dict[str, TokenType] = {
 #: The tiny pairs, by family name.
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family(
-        "generic", _text("llama"),
+        "generic", _text("llama", n_ctx=1024),
         _vision("mlp", image_size=64, patch_size=16, eps=1e-5),
         templates.GENERIC,
         {t: C for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")},
