@@ -58,10 +58,17 @@ def cli_answer(cli: Path, model: Path, mmproj: Path, image: Path, n: int, thread
     cmd = [str(cli), "-m", str(model), "--mmproj", str(mmproj), "--image", str(image),
            "-p", QUESTION, "--temp", "0", "-n", str(n), "--jinja", "-t", str(threads),
            "-c", str(n_ctx), "--seed", "0", "--no-warmup"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama-mtmd-cli failed ({proc.returncode}): {proc.stderr[-1500:]}")
-    return proc.stdout
+    # The CLI logs through llama.cpp's asynchronous logger, which on this build sometimes
+    # loses the end (or all) of its output at exit with status 0: a complete answer ends
+    # with the newline printed after generation, so run again until one does.
+    for _ in range(8):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-mtmd-cli failed ({proc.returncode}): "
+                               f"{proc.stderr[-1500:]}")
+        if proc.stdout.strip() and proc.stdout.endswith("\n"):
+            return proc.stdout
+    raise RuntimeError("llama-mtmd-cli printed no complete answer in 8 runs")
 
 
 def image_side(model: Path, mmproj: Path) -> int:
