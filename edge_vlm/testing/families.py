@@ -181,6 +181,13 @@ FULL_SIZE: dict[str, tuple[Family, int]] = {
          "n_ctx": 8192, "rms_eps": 1e-5, "rope_theta": 100000.0},
         {**_SIGLIP_B, "image_size": 512, "patch_size": 16, "merge": 4,
          "preproc_image_size": 2048}, 49152),
+    # For developing the benchmark suite: SmolVLM's tiling and token layout, tiny towers.
+    "tiny-idefics3": _full(
+        "smolvlm",
+        {"n_embd": 128, "n_layer": 2, "n_head": 4, "n_head_kv": 2, "n_ff": 256,
+         "n_ctx": 8192, "rms_eps": 1e-5},
+        {"n_embd": 64, "n_ff": 128, "n_layer": 1, "n_head": 4, "image_size": 512,
+         "patch_size": 16, "merge": 4, "preproc_image_size": 2048}, 4096),
     "qwen2.5-vl-3b": _full(
         "qwen2.5-vl",
         {"n_embd": 2048, "n_layer": 36, "n_head": 16, "n_head_kv": 2, "n_ff": 11008,

@@ -61,9 +61,23 @@ def _text_arrays(rng: np.random.Generator, spec: TextSpec, vocab: Vocab,
     Tiny: small token embeddings and strong attention outputs (image positions dominate
     what follows them), and an untied output layer that scores only whole words (answers
     read as words; generation never stops by itself). Full size: a tied output layer with
-    zero rows for every non-word token, so greedy decoding never ends early.
+    zero rows for every non-word token, so greedy decoding never ends early; tensors are
+    drawn one at a time in float32 (a 3B model never sits in memory).
     """
     shapes = spec.tensor_shapes(len(vocab))
+    if not tiny:
+        special = [i for i, t in enumerate(vocab.token_types) if t != TokenType.NORMAL]
+        for name, shape in shapes.items():
+            if len(shape) == 1:
+                yield name, np.ones(shape, np.float32)
+                continue
+            std = 0.02 if name == "token_embd.weight" else 1.0 / np.sqrt(shape[-1])
+            arr = rng.standard_normal(shape, dtype=np.float32)
+            arr *= std
+            if name == "token_embd.weight":
+                arr[special] = 0.0
+            yield name, arr
+        return
     arrays: dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
         if name == "output.weight":
@@ -78,14 +92,10 @@ def _text_arrays(rng: np.random.Generator, spec: TextSpec, vocab: Vocab,
         else:
             arrays[name] = _normal(rng, shape, 1.0 / np.sqrt(shape[-1]))
     n_vocab = len(vocab)
-    emb = _normal(rng, (n_vocab, spec.n_embd), 0.02)
-    if tiny:
-        for name in arrays:
-            if name.endswith("attn_output.weight"):
-                arrays[name] *= 4.0
-    else:
-        emb[[i for i, t in enumerate(vocab.token_types) if t != TokenType.NORMAL]] = 0.0
-    arrays["token_embd.weight"] = emb
+    arrays["token_embd.weight"] = _normal(rng, (n_vocab, spec.n_embd), 0.02)
+    for name in arrays:
+        if name.endswith("attn_output.weight"):
+            arrays[name] *= 4.0
     for name in shapes:
         if name == "output.weight":
             out = _normal(rng, (n_vocab, spec.n_embd), 1.0)
