@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -36,12 +37,18 @@ def family_vocab(fam: Family, n_vocab: int | None = None) -> Vocab:
         if need < 0:
             raise ValueError(f"n_vocab {n_vocab} is smaller than the {len(base)} fixed tokens")
         known = set(base.tokens)
-        level = [SPACE + c for c in _LETTERS]
         extra: list[str] = []
-        while len(extra) < need:
-            # each filler word's prefixes come first, so each adds exactly one token
-            extra.extend(w for w in level[: need - len(extra)] if w not in known)
-            level = [w + c for w in level for c in _LETTERS]
+        # every lowercase word in breadth-first order ("▁a" ... "▁zz" ...): each word's
+        # prefixes come before it, so each adds exactly one token
+        for length in itertools.count(1):
+            for letters in itertools.product(_LETTERS, repeat=length):
+                word = SPACE + "".join(letters)
+                if word not in known:
+                    extra.append(word)
+                    if len(extra) == need:
+                        break
+            if len(extra) == need:
+                break
         words += extra[:need]
     vocab = build_spm_vocab(words, fam.special_tokens, chars=_LETTERS if n_vocab else (),
                             newline_tokens=True)
