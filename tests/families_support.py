@@ -32,6 +32,9 @@ class OracleResult:
     text: str
     n_tokens: int
     n_pos: int
+    recheck_logits: npt.NDArray[np.float32] | None = None
+    """With ``recheck``: the prompt's last token evaluated again after the generated tokens
+    were cut out of the KV cache (what a follow-up turn does)."""
 
 
 def _check(ok: object, what: str) -> None:
@@ -41,7 +44,8 @@ def _check(ok: object, what: str) -> None:
 
 def oracle_run(model: Path, mmproj: Path, prompt: str, images: Sequence[RGBImage], *,
                n_predict: int, n_ctx: int, n_batch: int = 512, threads: int = 2,
-               image_max_tokens: int = 0, image_min_tokens: int = 0) -> OracleResult:
+               image_max_tokens: int = 0, image_min_tokens: int = 0,
+               recheck: bool = False) -> OracleResult:
     """Tokenize ``prompt`` with libmtmd, evaluate it with ``mtmd_helper_eval_chunks`` in a
     fresh context, then decode ``n_predict`` tokens greedily (stopping at end of generation).
 
@@ -119,8 +123,20 @@ def oracle_run(model: Path, mmproj: Path, prompt: str, images: Sequence[RGBImage
             _check(llama_cpp.llama_decode(ctx, batch) == 0, "decoding a token")
             n_past += 1
             cur = logits()
+        again = None
+        if recheck:
+            last = mtmd.mtmd_input_chunks_get(chunks, mtmd.mtmd_input_chunks_size(chunks) - 1)
+            n = ctypes.c_size_t()
+            toks = mtmd.mtmd_input_chunk_get_tokens_text(last, ctypes.byref(n))
+            mem = llama_cpp.llama_get_memory(ctx)
+            _check(llama_cpp.llama_memory_seq_rm(mem, 0, n_pos - 1, -1), "cutting the cache")
+            batch.n_tokens = 1
+            batch.token[0], batch.pos[0], batch.n_seq_id[0] = toks[n.value - 1], n_pos - 1, 1
+            batch.seq_id[0][0], batch.logits[0] = 0, True
+            _check(llama_cpp.llama_decode(ctx, batch) == 0, "decoding the last prompt token")
+            again = logits()
         return OracleResult(first, out, text.decode(errors="replace").lstrip(" "),
-                            n_tokens, n_pos)
+                            n_tokens, n_pos, again)
     finally:
         llama_cpp.llama_batch_free(batch)
         mtmd.mtmd_input_chunks_free(chunks)
