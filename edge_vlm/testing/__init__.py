@@ -19,10 +19,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edge_vlm.testing.families import FAMILIES, FULL_SIZE, Family, family
+from edge_vlm.testing.families import FAMILIES, FULL_SIZE, Family
+from edge_vlm.testing.families import family as _family
 
-__all__ = ["FAMILIES", "FULL_SIZE", "Family", "family", "family_names", "tiny_pair",
-           "write_pair"]
+__all__ = ["FAMILIES", "FULL_SIZE", "Family", "family_names", "tiny_pair", "write_pair"]
 
 
 def family_names() -> list[str]:
@@ -64,12 +64,12 @@ def write_pair(fam: Family, out_dir: str | os.PathLike[str], *, seed: int = 0,
     return model, mmproj
 
 
-def tiny_pair(family_name: str, out_dir: str | os.PathLike[str],
+def tiny_pair(family: str, out_dir: str | os.PathLike[str],
               seed: int = 0) -> tuple[Path, Path]:
     """Write a tiny random model pair of a VLM family into ``out_dir``.
 
     Args:
-        family_name: One of :func:`family_names` (``smolvlm``, ``llava``, ``qwen2.5-vl``,
+        family: One of :func:`family_names` (``smolvlm``, ``llava``, ``qwen2.5-vl``,
             ``qwen3-vl``, ``gemma-3``, ``internvl``, ``lfm2-vl``, ``pixtral``, ``generic``).
         out_dir: Existing directory; the files are ``model.gguf`` and ``mmproj.gguf``.
         seed: Weight seed.
@@ -81,4 +81,4 @@ def tiny_pair(family_name: str, out_dir: str | os.PathLike[str],
         KeyError: Unknown family (the message lists the known ones).
         ImportError: ``gguf`` is not installed.
     """
-    return write_pair(family(family_name), out_dir, seed=seed)
+    return write_pair(_family(family), out_dir, seed=seed)

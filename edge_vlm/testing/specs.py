@@ -124,7 +124,7 @@ class TextSpec:
         if self.head_dim:
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)
-        if self.arch in ("llama", "pixtral"):
+        if self.arch == "llama":
             w.add_rope_dimension_count(self.d_head)
         if self.rope_sections:
             w.add_rope_dimension_sections(list(self.rope_sections))
