@@ -210,7 +210,7 @@ class Engine:
         self._kv = self._kv[:n_keep]
         self._kv_pos = pos
         self._kv_cells = self._prefix_cells(chunks, n_keep)
-        stats.prompt_tokens_reused = sum(w for _, w in items[:n_keep])
+        stats.prompt_tokens_reused = self._kv_cells  # tokens, not positions (M-RoPE)
         image_stats = iter(stats.images)
         ist: ImageStats | None = None
         # Embeddings of this prompt's tiles by identity: a tile that is a copy of another

@@ -120,6 +120,9 @@ def test_follow_up_turn_reuses_the_prefix_and_matches(family: tuple[str, Any, Pa
         assert second.timings.prompt_tokens_reused == 0
     else:
         assert second.timings.prompt_tokens_reused > 0
+        # counted in tokens, not positions (an M-RoPE image has fewer positions)
+        assert (second.timings.prompt_tokens_reused + second.timings.prompt_tokens_evaluated
+                == second.usage.prompt_tokens)
         assert second.timings.images[0].cache_hit  # the image was not evaluated again
     # Logits: turn 2 evaluated on top of turn 1's KV cache equals a fresh evaluation.
     # (Measured from a fresh turn 1: once generated tokens have been cut back out of the
