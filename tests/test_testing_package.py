@@ -12,7 +12,7 @@ from edge_vlm.testing import family_names, tiny_pair
 
 
 def test_unknown_family_lists_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(KeyError, match="known: generic, llava, smolvlm, qwen2.5-vl"):
+    with pytest.raises(KeyError, match=r"known: generic, llava, smolvlm, qwen2\.5-vl"):
         tiny_pair("qwen9", tmp_path)
 
 
