@@ -77,12 +77,17 @@ def _text_arrays(rng: np.random.Generator, spec: TextSpec, vocab: Vocab,
     Tiny: small token embeddings and strong attention outputs (image positions dominate
     what follows them), and an untied output layer that scores only whole words (answers
     read as words; generation never stops by itself). Full size: a tied output layer with
-    zero rows for every non-word token, so greedy decoding never ends early; tensors are
+    zero rows for every non-word token, so greedy decoding never ends early and always
+    emits visible text; tensors are
     drawn one at a time in float32 (a 3B model never sits in memory).
     """
     shapes = spec.tensor_shapes(len(vocab))
     if not tiny:
-        special = [i for i, t in enumerate(vocab.token_types) if t != TokenType.NORMAL]
+        # never the argmax: control, byte and whitespace-only tokens (a stream of spaces
+        # arrives as nothing, and benchmarks time the text as it arrives)
+        special = [i for i, (t, text) in enumerate(zip(vocab.token_types, vocab.tokens,
+                                                       strict=True))
+                   if t != TokenType.NORMAL or not text.strip(SPACE + " \n")]
         for name, shape in shapes.items():
             if len(shape) == 1:
                 yield name, np.ones(shape, np.float32)
