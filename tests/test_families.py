@@ -26,7 +26,7 @@ from edge_vlm.errors import ContextOverflowError
 from edge_vlm.testing import tiny_pair
 
 FAMILIES = ["llava", "smolvlm", "qwen2.5-vl", "qwen3-vl", "gemma-3", "internvl", "lfm2-vl",
-            "pixtral"]
+            "moondream", "pixtral"]
 MROPE = {"qwen2.5-vl", "qwen3-vl"}
 DYNAMIC = {"qwen2.5-vl", "qwen3-vl", "pixtral"}
 N_CTX = 4096

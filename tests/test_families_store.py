@@ -9,7 +9,7 @@ import pytest
 from edge_vlm.testing import FAMILIES, tiny_pair
 
 NAMES = ["llava", "smolvlm", "qwen2.5-vl", "qwen3-vl", "gemma-3", "internvl", "lfm2-vl",
-         "pixtral"]
+         "moondream", "pixtral"]
 
 
 @pytest.mark.parametrize("name", NAMES)

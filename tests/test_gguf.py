@@ -421,7 +421,7 @@ def test_python_tokenizer_matches_llama_cpp(backend: Any, text: str) -> None:
 # -- the families of edge_vlm.testing: validator tables --------------------------------
 
 FAMILY_NAMES = ["llava", "smolvlm", "qwen2.5-vl", "qwen3-vl", "gemma-3", "internvl",
-                "lfm2-vl", "pixtral"]
+                "lfm2-vl", "moondream", "pixtral"]
 
 
 def _family_pair(tmp_path: Path, name: str, drop: str | None = None) -> tuple[Path, Path]:

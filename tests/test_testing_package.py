@@ -49,4 +49,4 @@ def test_the_runtime_does_not_import_gguf() -> None:
 
 def test_every_family_is_listed() -> None:
     assert family_names() == ["generic", "llava", "smolvlm", "qwen2.5-vl", "qwen3-vl",
-                              "gemma-3", "internvl", "lfm2-vl", "pixtral"]
+                              "gemma-3", "internvl", "lfm2-vl", "moondream", "pixtral"]

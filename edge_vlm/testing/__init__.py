@@ -70,7 +70,8 @@ def tiny_pair(family: str, out_dir: str | os.PathLike[str],
 
     Args:
         family: One of :func:`family_names` (``smolvlm``, ``llava``, ``qwen2.5-vl``,
-            ``qwen3-vl``, ``gemma-3``, ``internvl``, ``lfm2-vl``, ``pixtral``, ``generic``).
+            ``qwen3-vl``, ``gemma-3``, ``internvl``, ``lfm2-vl``, ``moondream``, ``pixtral``,
+            ``generic``).
         out_dir: Existing directory; the files are ``model.gguf`` and ``mmproj.gguf``.
         seed: Weight seed.
 

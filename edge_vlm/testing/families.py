@@ -145,6 +145,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         note="LFM2-VL: SigLIP2 + pixel unshuffle; hybrid text model (short convolutions)",
     ),
     Family(
+        "moondream", _text("phi2", rms_eps=1e-5, head_dim=64),
+        _vision("mlp", image_size=64, patch_size=16, eps=1e-6),
+        templates.MOONDREAM, {"<|endoftext|>": C}, bos="<|endoftext|>", eos="<|endoftext|>",
+        add_bos=False,
+        note="moondream2: SigLIP + mlp projector, Phi-2 text (LayerNorm, parallel blocks)",
+    ),
+    Family(
         "pixtral", _text("llama", rope_theta=1000000000.0, rms_eps=1e-5),
         _vision("pixtral", image_size=512, patch_size=16, eps=1e-5),
         templates.PIXTRAL,

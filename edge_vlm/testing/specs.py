@@ -23,7 +23,7 @@ class TextSpec:
 
     Attributes:
         arch: llama.cpp architecture (``llama``, ``qwen2``, ``qwen2vl``, ``qwen3vl``,
-            ``gemma3``, ``lfm2``).
+            ``gemma3``, ``lfm2``, ``phi2``).
         n_embd: Hidden width.
         n_layer: Blocks.
         n_head: Attention heads.
@@ -32,7 +32,7 @@ class TextSpec:
         n_ctx: Training context length.
         head_dim: Per-head width (default ``n_embd // n_head``).
         rope_theta: RoPE base.
-        rms_eps: RMSNorm epsilon.
+        rms_eps: RMSNorm epsilon (LayerNorm epsilon for ``phi2``).
         rope_sections: M-RoPE sections (Qwen-VL: temporal, height, width, extra).
         sliding_window: Gemma 3's local-attention window (0: none).
         conv_layers: LFM2's short-convolution blocks (the others are attention).
@@ -76,8 +76,14 @@ class TextSpec:
         def blk(t: Any, i: int, suffix: str, shape: Shape) -> None:
             shapes[names[t].format(bid=i) + "." + suffix] = shape
 
+        if self.arch == "phi2":  # LayerNorm with biases, biased output layer
+            shapes[names[out_norm] + ".bias"] = (e,)
+            if not self.tied_output:
+                shapes[names[T.OUTPUT] + ".bias"] = (n_vocab,)
         for i in range(self.n_layer):
             blk(T.ATTN_NORM, i, "weight", (e,))
+            if self.arch == "phi2":
+                blk(T.ATTN_NORM, i, "bias", (e,))
             if i in self.conv_layers:
                 blk(T.SHORTCONV_CONV, i, "weight", (e, 3))
                 blk(T.SHORTCONV_INPROJ, i, "weight", (3 * e, e))
@@ -86,16 +92,24 @@ class TextSpec:
                 blk(T.ATTN_Q, i, "weight", (q, e))
                 blk(T.ATTN_K, i, "weight", (kv, e))
                 blk(T.ATTN_V, i, "weight", (kv, e))
-                if self.arch in ("qwen2", "qwen2vl"):
+                if self.arch in ("qwen2", "qwen2vl", "phi2"):
                     blk(T.ATTN_Q, i, "bias", (q,))
                     blk(T.ATTN_K, i, "bias", (kv,))
                     blk(T.ATTN_V, i, "bias", (kv,))
                 blk(T.ATTN_OUT, i, "weight", (e, q))
+                if self.arch == "phi2":
+                    blk(T.ATTN_OUT, i, "bias", (e,))
                 if self.arch in ("qwen3vl", "gemma3", "lfm2"):
                     blk(T.ATTN_Q_NORM, i, "weight", (hd,))
                     blk(T.ATTN_K_NORM, i, "weight", (hd,))
                 if self.arch == "gemma3":
                     blk(T.ATTN_POST_NORM, i, "weight", (e,))
+            if self.arch == "phi2":  # attention and MLP in parallel off one norm; GELU MLP
+                blk(T.FFN_DOWN, i, "weight", (e, self.n_ff))
+                blk(T.FFN_DOWN, i, "bias", (e,))
+                blk(T.FFN_UP, i, "weight", (self.n_ff, e))
+                blk(T.FFN_UP, i, "bias", (self.n_ff,))
+                continue
             blk(T.FFN_NORM, i, "weight", (e,))
             blk(T.FFN_GATE, i, "weight", (self.n_ff, e))
             blk(T.FFN_UP, i, "weight", (self.n_ff, e))
@@ -119,7 +133,11 @@ class TextSpec:
             w.add_shortconv_l_cache(3)
         else:
             w.add_head_count_kv(self.n_head_kv)
-        w.add_layer_norm_rms_eps(self.rms_eps)
+        if self.arch == "phi2":
+            w.add_layer_norm_eps(self.rms_eps)
+            w.add_rope_dimension_count(self.d_head // 2)  # partial rotary, as Phi-2
+        else:
+            w.add_layer_norm_rms_eps(self.rms_eps)
         w.add_rope_freq_base(self.rope_theta)
         if self.head_dim:
             w.add_key_length(self.head_dim)

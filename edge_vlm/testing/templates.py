@@ -130,3 +130,12 @@ PIXTRAL = (
     + _content("")
     + "{{ eos_token }}{% endif %}{% endfor %}"
 )
+
+# moondream2: "<image>\n\nQuestion: ...\n\nAnswer:" (no chat tokens of its own).
+MOONDREAM = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '\n\nQuestion: ' }}" + _content("<image>")
+    + "{% elif message['role'] == 'assistant' %}{{ '\n\nAnswer: ' }}" + _content("")
+    + "{% else %}" + _content("") + "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAnswer:' }}{% endif %}"
+)

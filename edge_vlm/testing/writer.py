@@ -90,7 +90,7 @@ def _text_arrays(rng: np.random.Generator, spec: TextSpec, vocab: Vocab,
                    if t != TokenType.NORMAL or not text.strip(SPACE + " \n")]
         for name, shape in shapes.items():
             if len(shape) == 1:
-                yield name, np.ones(shape, np.float32)
+                yield name, (np.zeros if name.endswith(".bias") else np.ones)(shape, np.float32)
                 continue
             std = 0.02 if name == "token_embd.weight" else 1.0 / np.sqrt(shape[-1])
             arr = rng.standard_normal(shape, dtype=np.float32)
@@ -104,10 +104,7 @@ def _text_arrays(rng: np.random.Generator, spec: TextSpec, vocab: Vocab,
         if name == "output.weight":
             continue
         if len(shape) == 1:
-            arr = np.ones(shape, np.float32)
-            if ".attn_q.bias" in name or ".attn_k.bias" in name or ".attn_v.bias" in name:
-                arr[:] = 0.0
-            arrays[name] = arr
+            arrays[name] = (np.zeros if name.endswith(".bias") else np.ones)(shape, np.float32)
         elif "shortconv.conv" in name:
             arrays[name] = _normal(rng, shape, 0.5)
         else:
