@@ -170,7 +170,8 @@ def progress_line(rep: int, reps: int, r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="edge-vlm benchmark suite (issue 4, 8, 9).")
     src = ap.add_argument_group("model")
-    src.add_argument("--like", choices=("smolvlm-256m", "smolvlm-500m", "tiny-idefics3"),
+    src.add_argument("--like", choices=("smolvlm-256m", "smolvlm-500m", "tiny-idefics3",
+                                        "qwen2.5-vl-3b", "gemma-3-4b"),
                      help="generate (once) and measure a shape-alike model")
     src.add_argument("--quant", default="Q8_0", choices=("F16", "Q8_0", "Q4_0", "Q4_K"))
     src.add_argument("--model", type=Path, help="or: a text model GGUF ...")

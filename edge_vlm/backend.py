@@ -167,6 +167,9 @@ class Backend:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(self._model)
+                              or llama_cpp.llama_model_is_hybrid(self._model))
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self._model))
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = cfg.n_ctx if cfg.n_ctx else min(self.n_ctx_train, 8192)
@@ -249,6 +252,16 @@ class Backend:
     @property
     def bos(self) -> int:
         return int(llama_cpp.llama_vocab_bos(self._vocab))
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether tokenizing a prompt adds BOS (``tokenizer.ggml.add_bos_token``)."""
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+    @property
+    def bos_text(self) -> str:
+        """The BOS token's text (empty if the model has none)."""
+        return self.token_text(self.bos)
 
     @property
     def eos(self) -> int:
@@ -485,6 +498,24 @@ class Backend:
         elif not llama_cpp.llama_memory_seq_rm(mem, 0, n_pos, -1):
             llama_cpp.llama_memory_clear(mem, True)
             raise GenerationError("llama.cpp could not trim the KV cache; it was cleared")
+
+    def can_keep(self, n_pos: int) -> bool:
+        """Whether the KV cache can be cut back to ``n_pos`` and evaluation resumed there.
+
+        A recurrent or hybrid model (LFM2) keeps one state per sequence: it can only be
+        extended, never rolled back. A sliding-window cache (Gemma 3) drops positions that
+        fell out of the window: resuming at ``n_pos`` needs ``n_pos - n_swa`` onwards.
+        """
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        pos_max = int(llama_cpp.llama_memory_seq_pos_max(mem, 0))
+        if pos_max < 0:
+            return n_pos <= 0
+        if self.recurrent:
+            return n_pos > pos_max
+        if self.n_swa:
+            pos_min = int(llama_cpp.llama_memory_seq_pos_min(mem, 0))
+            return pos_min <= max(0, n_pos - self.n_swa)
+        return True
 
     def eval_tokens(self, tokens: Sequence[int], n_past: int) -> int:
         """Evaluate text tokens at ``n_past``; logits are kept for the last one.

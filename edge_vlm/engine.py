@@ -10,6 +10,7 @@ between tokens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import resource
 import sys
 import threading
@@ -31,7 +32,7 @@ from edge_vlm.backend import (
 from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.embcache import EmbeddingCache
 from edge_vlm.errors import ContextOverflowError, GenerationError
-from edge_vlm.prompt import RenderedPrompt
+from edge_vlm.prompt import PromptPiece, RenderedPrompt
 from edge_vlm.schema import FinishReason, GenerationStats, ImageStats
 from edge_vlm.stops import StopFilter
 
@@ -102,6 +103,7 @@ class Engine:
         self._fingerprint = mmproj_fingerprint
         self._kv: list[KVItem] = []
         self._kv_pos = 0
+        self._kv_cells = 0  # KV cells in use: one per token (positions can be fewer)
 
     # -- prompt ----------------------------------------------------------------------
 
@@ -110,12 +112,36 @@ class Engine:
         max_image_tokens: int = 0,
     ) -> PromptChunks:
         """Tokenize a rendered prompt with its images (caller closes the result); message
-        text in a :class:`~edge_vlm.prompt.RenderedPrompt` stays plain text."""
-        return self.backend.tokenize_prompt(text, [im.rgb for im in images], max_image_tokens)
+        text in a :class:`~edge_vlm.prompt.RenderedPrompt` stays plain text.
+
+        A template that prints ``bos_token`` for a model whose tokenizer adds BOS itself
+        would give two BOS tokens: the printed one is dropped, as llama.cpp's own chat code
+        does (``common/chat.cpp``). Gemma 3, Pixtral and LFM2-VL templates do this.
+        """
+        return self.backend.tokenize_prompt(self.prompt_text(text), [im.rgb for im in images],
+                                            max_image_tokens)
+
+    def prompt_text(self, text: str | RenderedPrompt) -> str | RenderedPrompt:
+        """The rendered prompt as it is tokenized (a leading BOS text dropped when the
+        tokenizer adds BOS itself)."""
+        bos = self.backend.bos_text
+        if not (bos and self.backend.adds_bos):
+            return text
+        if isinstance(text, str):
+            return text[len(bos):] if text.startswith(bos) else text
+        first = text.pieces[0] if text.pieces else None
+        if first is None or first.kind != "template" or not first.text.startswith(bos):
+            return text
+        rest = PromptPiece("template", first.text[len(bos):])
+        return dataclasses.replace(text, pieces=(rest, *text.pieces[1:]))
 
     @staticmethod
     def _items(chunks: PromptChunks) -> list[tuple[KVItem, int]]:
-        """The prompt as KV items with the positions each occupies."""
+        """The prompt as KV items with the positions each occupies.
+
+        Positions, not tokens: with M-RoPE (Qwen-VL) an image of ``n_tokens`` embeddings
+        advances the position by only ``n_pos``; the next token goes at the new position.
+        """
         out: list[tuple[KVItem, int]] = []
         for ch in chunks.items:
             if isinstance(ch, TextChunk):
@@ -139,16 +165,42 @@ class Engine:
         while n >= len(items) and n > 0:
             n -= 1
             pos -= items[n][1]
+        if n and not self.backend.can_keep(pos):
+            # Recurrent (LFM2) or sliding-window (Gemma 3) memory that cannot be rolled
+            # back to this position: evaluate the whole prompt again.
+            return 0, 0
         return n, pos
 
+    @staticmethod
+    def _prefix_cells(chunks: PromptChunks, n_items: int) -> int:
+        """KV cells taken by the first ``n_items`` items of a prompt (an image: n_tokens)."""
+        cells = 0
+        for ch in chunks.items:
+            if n_items <= 0:
+                break
+            if isinstance(ch, TextChunk):
+                take = min(n_items, len(ch.tokens))
+                cells += take
+                n_items -= take
+            else:
+                cells += ch.n_tokens
+                n_items -= 1
+        return cells
+
     def check_fits(self, chunks: PromptChunks, max_tokens: int) -> None:
-        """Raise ContextOverflowError before any evaluation when the request cannot fit."""
+        """Raise ContextOverflowError before any evaluation when the request cannot fit.
+
+        The KV cache holds one cell per token, text or image: an M-RoPE image that takes
+        fewer positions than tokens still takes a cell per token, so capacity is counted in
+        tokens (``n_tokens >= n_pos``). Counting positions let a Qwen-VL prompt through
+        that llama.cpp then could not place (an abort inside libmtmd's helper).
+        """
         n_ctx = self.backend.n_ctx
-        need = chunks.n_pos + max_tokens
+        need = chunks.n_tokens + max_tokens
         if need > n_ctx:
             n_img = sum(c.n_tokens for c in chunks.items if isinstance(c, ImageChunk))
             raise ContextOverflowError(
-                f"the prompt needs {chunks.n_pos} tokens ({n_img} of them for images) plus "
+                f"the prompt needs {chunks.n_tokens} tokens ({n_img} of them for images) plus "
                 f"max_tokens={max_tokens}, {need} in all, but the context holds {n_ctx}: "
                 "lower max_tokens, send fewer or lower-detail images, shorten the "
                 "conversation, or raise runtime.n_ctx"
@@ -167,7 +219,8 @@ class Engine:
         self.backend.kv_truncate(pos)
         self._kv = self._kv[:n_keep]
         self._kv_pos = pos
-        stats.prompt_tokens_reused = sum(w for _, w in items[:n_keep])
+        self._kv_cells = self._prefix_cells(chunks, n_keep)
+        stats.prompt_tokens_reused = self._kv_cells  # tokens, not positions (M-RoPE)
         image_stats = iter(stats.images)
         ist: ImageStats | None = None
         # Embeddings of this prompt's tiles by identity: a tile that is a copy of another
@@ -184,6 +237,7 @@ class Engine:
                 if todo:
                     self._kv_pos = self.backend.eval_tokens(todo, self._kv_pos)
                     self._kv.extend(todo)
+                    self._kv_cells += len(todo)
                     stats.prompt_tokens_evaluated += len(todo)
                 idx += len(ch.tokens)
                 continue
@@ -205,6 +259,7 @@ class Engine:
                         ist.cache_hit = ist.cache_hit and hit
                 self._kv_pos = self.backend.decode_image(chunks, ch, embd, self._kv_pos)
                 self._kv.append((ch.identity, ch.n_pos))
+                self._kv_cells += ch.n_tokens
                 stats.prompt_tokens_evaluated += ch.n_tokens
                 stats.image_encode_ms += encode_ms
                 if ist is not None:
@@ -333,10 +388,11 @@ class Engine:
                 if stop.stopped:
                     reason = "stop"
                     break
-                if self._kv_pos + 1 > backend.n_ctx:
+                if self._kv_cells + 1 > backend.n_ctx:
                     break  # check_fits makes this unreachable; kept as a guard
                 self._kv_pos = backend.eval_tokens([tok], self._kv_pos)
                 self._kv.append(tok)
+                self._kv_cells += 1
         except GeneratorExit:
             sampler.close()
             raise
@@ -362,7 +418,7 @@ class Engine:
             stats.decode_ms = (end - t_first) * 1000.0
             if stats.completion_tokens > 1 and stats.decode_ms > 0:
                 stats.decode_tps = (stats.completion_tokens - 1) / (stats.decode_ms / 1000.0)
-        stats.context_used = self._kv_pos
+        stats.context_used = self._kv_cells
         stats.encode_ms_saved = 0.0
         stats.peak_rss_mb = peak_rss_mb()
         return Event(text, reason, stats)
@@ -371,16 +427,19 @@ class Engine:
         """After a failure the KV cache content is unknown: start from scratch next time."""
         self._kv = []
         self._kv_pos = 0
+        self._kv_cells = 0
         with contextlib.suppress(GenerationError):
             self.backend.kv_truncate(0)
 
     # -- debugging hooks (parity checks, tests) --------------------------------------
 
     def prompt_logits(
-        self, text: str | RenderedPrompt, images: Sequence[PromptImage]
+        self, text: str | RenderedPrompt, images: Sequence[PromptImage],
+        max_image_tokens: int = 0,
     ) -> npt.NDArray[np.float32]:
-        """Logits at the last prompt position (evaluating through the prefix cache)."""
-        with self.lock, self.tokenize(text, images) as chunks:
+        """Logits at the last prompt position (evaluating through the prefix cache), images
+        prepared for an image-token budget as :meth:`generate` does."""
+        with self.lock, self.tokenize(text, images, max_image_tokens) as chunks:
             self.check_fits(chunks, 0)
             stats = GenerationStats()
             try:

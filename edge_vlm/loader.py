@@ -19,7 +19,7 @@ from edge_vlm.config import Settings, cache_dir
 from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.engine import Engine
 from edge_vlm.errors import ModelMismatchError
-from edge_vlm.gguf.constants import TILING_PROJECTORS
+from edge_vlm.gguf.constants import DYNAMIC_LOW_TOKENS, DYNAMIC_PROJECTORS, TILING_PROJECTORS
 from edge_vlm.gguf.reader import GGUFInfo, read_gguf
 from edge_vlm.gguf.validate import (
     mmproj_output_width,
@@ -61,9 +61,14 @@ class ModelInfo:
         return self.projector_type in TILING_PROJECTORS
 
     @property
+    def dynamic(self) -> bool:
+        """Whether the projector sizes images by a token budget (Qwen-VL, Pixtral)."""
+        return self.projector_type in DYNAMIC_PROJECTORS
+
+    @property
     def tokens_per_tile(self) -> int:
-        """Image tokens one encoder tile yields."""
-        if not self.image_size or not self.patch_size:
+        """Image tokens one encoder tile yields (0 for a dynamic-resolution projector)."""
+        if not self.image_size or not self.patch_size or self.dynamic:
             return 0
         return (self.image_size // self.patch_size) ** 2 // max(1, self.scale_factor) ** 2
 
@@ -77,7 +82,20 @@ class ModelInfo:
         ``high`` is the full tiling; ``auto`` takes the settings' budget, else full detail
         when a GPU does the encoding and one tile's worth on a CPU, where every tile of a
         SigLIP-sized encoder costs about two seconds.
+
+        A dynamic-resolution projector (Qwen-VL, Pixtral) takes the budget as its
+        ``image_max_tokens``: ``low`` is :data:`DYNAMIC_LOW_TOKENS`, ``high`` its own
+        maximum, ``auto`` the settings' ``max_image_tokens``, else as for tiles (full on a
+        GPU, low on a CPU). ``max_tiles`` does not apply to it.
         """
+        if self.dynamic:
+            if detail == "high":
+                return 0
+            if detail == "low":
+                return DYNAMIC_LOW_TOKENS
+            if max_image_tokens:
+                return max_image_tokens
+            return 0 if self.gpu else DYNAMIC_LOW_TOKENS
         if not self.tiling or not self.tokens_per_tile or detail == "high":
             return 0
         per_tile = self.tokens_per_tile

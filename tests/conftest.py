@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -10,20 +11,24 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from edge_vlm.gguf.testmodels import TinyVLMPaths, make_tiny_vlm
+from edge_vlm.gguf.testmodels import TinyVLMPaths
+from edge_vlm.testing import FAMILIES, write_pair
 
 
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> TinyVLMPaths:
-    """A seeded random-weight llama model + mlp mmproj (a few MB)."""
-    return make_tiny_vlm(tmp_path_factory.mktemp("tiny"))
+    """edge-vlm's generic tiny pair: a seeded random llama model + mlp mmproj (a few MB),
+    written with ``edge_vlm.testing`` (gguf-py)."""
+    return TinyVLMPaths(*write_pair(FAMILIES["generic"], tmp_path_factory.mktemp("tiny"),
+                                    prefix="tiny-"))
 
 
 @pytest.fixture(scope="session")
 def mismatched_mmproj(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An mmproj that projects to 512 dims, for a 256-wide model."""
-    return make_tiny_vlm(tmp_path_factory.mktemp("mismatch"), projection_width=512,
-                         prefix="wide").mmproj
+    fam = FAMILIES["generic"]
+    wide = dataclasses.replace(fam, vision=dataclasses.replace(fam.vision, n_embd_text=512))
+    return write_pair(wide, tmp_path_factory.mktemp("mismatch"), prefix="wide-")[1]
 
 
 @pytest.fixture(scope="session")

@@ -416,3 +416,77 @@ def test_llama_cpp_tokenizes_words_and_end_as_single_tokens(backend: Any) -> Non
 def test_python_tokenizer_matches_llama_cpp(backend: Any, text: str) -> None:
     assert tiny_vocab().tokenize(text, add_bos=True) == backend.tokenize_text(
         text, add_special=True, parse_special=True)
+
+
+# -- the families of edge_vlm.testing: validator tables --------------------------------
+
+FAMILY_NAMES = ["llava", "smolvlm", "qwen2.5-vl", "qwen3-vl", "gemma-3", "internvl",
+                "lfm2-vl", "moondream", "pixtral"]
+
+
+def _family_pair(tmp_path: Path, name: str, drop: str | None = None) -> tuple[Path, Path]:
+    """A family's tiny pair, optionally without one mmproj tensor."""
+    import dataclasses
+
+    from edge_vlm.testing import FAMILIES, write_pair
+    from edge_vlm.testing.specs import VisionSpec
+
+    fam = FAMILIES[name]
+    if drop is not None:
+
+        @dataclasses.dataclass(frozen=True, kw_only=True)
+        class Without(VisionSpec):
+            def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+                shapes = super().tensor_shapes()
+                assert drop in shapes, f"{drop} is not a tensor of {name}"
+                del shapes[drop]
+                return shapes
+
+        fields = {f.name: getattr(fam.vision, f.name) for f in dataclasses.fields(VisionSpec)}
+        fam = dataclasses.replace(fam, vision=Without(**fields))
+    return write_pair(fam, tmp_path)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_each_family_pair_passes_the_validators(tmp_path: Path, name: str) -> None:
+    from edge_vlm.gguf.families import family_name
+    from edge_vlm.testing import FAMILIES
+
+    model, mmproj = _family_pair(tmp_path, name)
+    text, proj = read_gguf(model), read_gguf(mmproj)
+    validate_text_model(text)
+    validate_mmproj(proj)
+    assert mmproj_output_width(proj) == text_embedding_width(text) == 256
+    fam = FAMILIES[name]
+    assert family_name(fam.projector, fam.text.arch) == name
+
+
+@pytest.mark.parametrize(("name", "tensor"), [
+    ("smolvlm", "mm.model.fc.weight"),
+    ("qwen2.5-vl", "v.patch_embd.weight.1"),
+    ("qwen2.5-vl", "mm.2.bias"),
+    ("qwen3-vl", "v.position_embd.weight"),
+    ("qwen3-vl", "v.blk.1.ffn_down.weight"),
+    ("gemma-3", "mm.input_projection.weight"),
+    ("gemma-3", "mm.soft_emb_norm.weight"),
+    ("internvl", "v.class_embd"),
+    ("internvl", "mm.model.mlp.3.weight"),
+    ("lfm2-vl", "mm.1.weight"),
+    ("pixtral", "v.token_embd.img_break"),
+    ("pixtral", "v.blk.0.attn_k.weight"),
+])
+def test_a_family_mmproj_missing_a_tensor_is_refused_by_name(tmp_path: Path, name: str,
+                                                             tensor: str) -> None:
+    _, mmproj = _family_pair(tmp_path, name, drop=tensor)
+    with pytest.raises(ModelLoadError, match=f"lacks tensor '{tensor}'"):
+        validate_mmproj(read_gguf(mmproj))
+
+
+def test_family_names_from_metadata() -> None:
+    from edge_vlm.gguf.families import family_name
+
+    assert family_name("qwen2.5vl_merger", "qwen2vl") == "qwen2.5-vl"
+    assert family_name("mlp", "llama") == "llava"
+    assert family_name("mlp", "phi2") == "moondream"
+    assert family_name("somethingnew") == "somethingnew"
+    assert family_name("") == "unknown"

@@ -155,3 +155,14 @@ class FileType(IntEnum):
 
 #: mmproj projector types whose preprocessing cuts large images into tiles plus an overview.
 TILING_PROJECTORS = frozenset({"idefics3", "llama4", "lfm2", "internvl", "minicpmv"})
+
+#: mmproj projector types that size each image by a token budget (libmtmd's
+#: ``image_min_tokens`` / ``image_max_tokens``) instead of fixed tiles.
+DYNAMIC_PROJECTORS = frozenset({
+    "qwen2vl_merger", "qwen2.5vl_merger", "qwen3vl_merger", "pixtral", "kimivl", "glm4v",
+    "lightonocr", "paddleocr",
+})
+
+#: ``detail: "low"`` on a dynamic-resolution projector: at most this many image tokens
+#: (Qwen-VL: about 448x448 pixels; Pixtral: 256x256).
+DYNAMIC_LOW_TOKENS = 256

@@ -24,12 +24,41 @@ _CLIP_U32_KEYS = (
     "clip.vision.attention.head_count",
     "clip.vision.projection_dim",
 )
-_BLOCK_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_up", "ffn_down")
-# Tensors each supported projector dereferences without a null check.
-_PROJECTOR_TENSORS = {
+_BLOCK_TENSORS = ("attn_out", "ffn_up", "ffn_down")
+_QKV = ("attn_q", "attn_k", "attn_v")
+_MERGER = ("mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias")
+# Tensors each supported projector's graph (tools/mtmd/models/*.cpp) uses without a null
+# check; the vision tower's own tensors are checked for every one of them.
+_PROJECTOR_TENSORS: dict[str, tuple[str, ...]] = {
     "mlp": ("mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"),
     "idefics3": ("mm.model.fc.weight",),
+    "qwen2vl_merger": (*_MERGER, "v.patch_embd.weight.1"),
+    "qwen2.5vl_merger": (*_MERGER, "v.patch_embd.weight.1"),
+    "qwen3vl_merger": (*_MERGER, "v.patch_embd.weight.1", "v.patch_embd.bias",
+                       "v.position_embd.weight"),
+    "gemma3": ("mm.input_projection.weight", "mm.soft_emb_norm.weight",
+               "v.position_embd.weight"),
+    "internvl": ("mm.model.mlp.0.weight", "mm.model.mlp.0.bias", "mm.model.mlp.1.weight",
+                 "mm.model.mlp.1.bias", "mm.model.mlp.3.weight", "mm.model.mlp.3.bias",
+                 "v.class_embd", "v.position_embd.weight"),
+    "lfm2": ("mm.1.weight", "mm.1.bias", "mm.2.weight", "mm.2.bias", "v.position_embd.weight"),
+    "pixtral": ("mm.1.weight", "mm.2.weight", "v.token_embd.img_break"),
 }
+# Where each projector's output width (the text model's n_embd) is read, as libmtmd does:
+# (tensor, ggml dimension).
+_OUTPUT_WIDTH: dict[str, tuple[str, int]] = {
+    "mlp": ("mm.2.weight", 1),
+    "idefics3": ("mm.model.fc.weight", 1),
+    "qwen2vl_merger": ("mm.2.weight", 1),
+    "qwen2.5vl_merger": ("mm.2.weight", 1),
+    "qwen3vl_merger": ("mm.2.weight", 1),
+    "gemma3": ("mm.input_projection.weight", 0),
+    "internvl": ("mm.model.mlp.3.weight", 1),
+    "lfm2": ("mm.2.weight", 1),
+    "pixtral": ("mm.2.weight", 1),
+}
+# Projectors whose position embedding is used as stored (not resized to the image).
+_FIXED_POSITIONS = frozenset({"mlp", "idefics3", "gemma3", "internvl"})
 
 
 def _is_mmproj(info: GGUFInfo) -> bool:
@@ -161,15 +190,21 @@ def validate_mmproj(info: GGUFInfo, path: str | os.PathLike[str] | None = None) 
     for t in needs:
         _require(info, t, where, why)
     patch = _require(info, "v.patch_embd.weight", where, why)
-    pos = _require(info, "v.position_embd.weight", where, why)
     for i in range(info.get_int("clip.vision.block_count") or 0):
         for t in _BLOCK_TENSORS:
             _require(info, f"v.blk.{i}.{t}.weight", where, why)
+        if f"v.blk.{i}.attn_qkv.weight" not in info.tensors:
+            for t in _QKV:
+                _require(info, f"v.blk.{i}.{t}.weight", where, why)
+    pos = None
+    if proj in _FIXED_POSITIONS:
+        pos = _require(info, "v.position_embd.weight", where, why)
     _check_vision_shapes(info, where, proj, patch, pos, n_feature_layers)
 
 
 def _check_vision_shapes(
-    info: GGUFInfo, where: str, proj: str, patch: TensorInfo, pos: TensorInfo, n_feature_layers: int
+    info: GGUFInfo, where: str, proj: str, patch: TensorInfo, pos: TensorInfo | None,
+    n_feature_layers: int,
 ) -> None:
     n_embd = info.get_int("clip.vision.embedding_length") or 0
     p = info.get_int("clip.vision.patch_size") or 0
@@ -186,7 +221,9 @@ def _check_vision_shapes(
     n_patches = (image // p) ** 2 if p else 0
     if "v.class_embd" in info.tensors:
         n_patches += 1
-    if len(pos.shape) != 2 or pos.shape[0] != n_embd or pos.shape[1] < n_patches:
+    if pos is not None and (
+        len(pos.shape) != 2 or pos.shape[0] != n_embd or pos.shape[1] < n_patches
+    ):
         raise ModelLoadError(
             f"{where}: 'v.position_embd.weight' has shape {list(pos.shape)}, "
             f"expected [{n_embd}, {n_patches}]"
@@ -218,13 +255,14 @@ def _check_vision_shapes(
 def mmproj_output_width(info: GGUFInfo) -> int | None:
     """The width of the embeddings an mmproj produces (must equal the text model's).
 
-    Taken from ``mm.2.weight`` for ``mlp``, ``mm.model.fc.weight`` for ``idefics3``, as
-    libmtmd does; otherwise ``clip.vision.projection_dim``. None if unknown.
+    Taken from the projector's last tensor as libmtmd does (``mm.2.weight`` for ``mlp``,
+    ``mm.model.fc.weight`` for ``idefics3``, ...); otherwise
+    ``clip.vision.projection_dim``. None if unknown.
     """
     proj = info.get_str("clip.projector_type") or info.get_str("clip.vision.projector_type")
-    tensor = {"mlp": "mm.2.weight", "idefics3": "mm.model.fc.weight"}.get(proj or "")
-    if tensor is not None and tensor in info.tensors and len(info.tensors[tensor].shape) == 2:
-        return info.tensors[tensor].shape[1]
+    tensor, dim = _OUTPUT_WIDTH.get(proj or "", ("", 0))
+    if tensor in info.tensors and len(info.tensors[tensor].shape) == 2:
+        return info.tensors[tensor].shape[dim]
     return info.get_int("clip.vision.projection_dim")
 
 

@@ -281,6 +281,9 @@ def _show(args: argparse.Namespace, store: Store, settings: Settings) -> int:
     print(f"architecture:   {f.architecture}, {human_count(f.parameters)} parameters, "
           f"{f.n_layer} layers, width {f.embedding_width}, {f.quantization}")
     print(f"context:        {f.context_length} tokens (trained)")
+    from edge_vlm.gguf.families import family_name
+
+    print(f"family:         {family_name(f.projector_type, f.architecture)}")
     print(f"vision:         {f.projector_type} projector, {human_count(f.vision_parameters)} "
           f"parameters, {f.mmproj_quantization}, image {f.image_size} px / patch "
           f"{f.patch_size}, {f.image_tokens} tokens per image"
