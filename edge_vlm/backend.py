@@ -176,13 +176,14 @@ class Backend:
         self.n_batch = cfg.n_batch
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
-        self._mtmd_budgets: dict[int, Any] = {}
-        self._mtmd = self._new_mtmd(cfg.image_max_tokens)
+        self._mtmd_key: tuple[int, int] | None = None
+        self.mtmd_rebuilds = 0
+        self.mtmd_for(cfg.image_max_tokens)
         if not mtmd.mtmd_support_vision(self._mtmd):
             raise ModelLoadError(f"mmproj '{cfg.mmproj_path}' has no vision encoder")
         self.marker = mtmd.mtmd_default_marker().decode()
 
-    def _new_mtmd(self, max_image_tokens: int) -> Any:
+    def _new_mtmd(self, max_image_tokens: int, min_image_tokens: int) -> Any:
         cfg = self.cfg
         mp = mtmd.mtmd_context_params_default()
         mp.use_gpu = cfg.mmproj_use_gpu
@@ -190,8 +191,8 @@ class Backend:
         mp.n_threads = cfg.threads
         mp.flash_attn_type = _FLASH[cfg.flash_attn]
         mp.warmup = False
-        if cfg.image_min_tokens:
-            mp.image_min_tokens = cfg.image_min_tokens
+        if min_image_tokens:
+            mp.image_min_tokens = min_image_tokens
         if max_image_tokens:
             mp.image_max_tokens = max_image_tokens
         ctx = mtmd.mtmd_init_from_file(str(cfg.mmproj_path).encode(), self._model, mp)
@@ -200,18 +201,39 @@ class Backend:
                 f"llama.cpp could not load the mmproj '{cfg.mmproj_path}' for model "
                 f"'{cfg.model_path}' (run with --verbose to see llama.cpp's log)"
             )
-        self._mtmd_budgets[max_image_tokens] = ctx
         return ctx
 
-    def mtmd_for(self, max_image_tokens: int) -> Any:
+    def mtmd_for(self, max_image_tokens: int, min_image_tokens: int = 0) -> Any:
         """The vision context for an image-token budget (0: the model's full tiling).
 
-        A tiling projector's preprocessing is fixed per mtmd context, so each budget gets
-        its own context, created on first use (it holds its own copy of the mmproj
-        weights: the memory cost of a second detail level).
+        A tiling projector's preprocessing is fixed per mtmd context, and every context
+        holds its own copy of the mmproj weights. So the backend keeps exactly one, keyed
+        by all of its parameters, and rebuilds it when a request needs other ones: the old
+        context is freed *before* the new one loads, so the process never holds two copies
+        (peak memory as llama-mtmd-cli's), at the price of re-reading the mmproj file on a
+        switch of detail level (from the page cache: a fraction of one encoder pass).
         """
-        ctx = self._mtmd_budgets.get(max_image_tokens)
-        return ctx if ctx is not None else self._new_mtmd(max_image_tokens)
+        key = (max_image_tokens, min_image_tokens or self.cfg.image_min_tokens)
+        if self._mtmd is not None and self._mtmd_key == key:
+            return self._mtmd
+        self._free_mtmd()
+        # A new Python object per context: prompts tokenized for an earlier one are told
+        # apart by identity even when malloc hands back the same address.
+        self._mtmd = ctypes.c_void_p(self._new_mtmd(*key))
+        self._mtmd_key = key
+        self.mtmd_rebuilds += 1
+        return self._mtmd
+
+    @property
+    def vision_contexts(self) -> int:
+        """libmtmd contexts alive, each holding a copy of the mmproj weights (at most 1)."""
+        return 0 if self._mtmd is None else 1
+
+    def _free_mtmd(self) -> None:
+        if self._mtmd is not None:
+            mtmd.mtmd_free(self._mtmd)
+        self._mtmd = None
+        self._mtmd_key = None
 
     # -- metadata ------------------------------------------------------------------------
 
@@ -388,6 +410,9 @@ class Backend:
 
     def encode_image(self, chunks: PromptChunks, chunk: ImageChunk) -> npt.NDArray[np.float32]:
         """Run the vision encoder on an image chunk; returns ``[n_tokens, n_embd]`` floats."""
+        if chunks.mtmd_ctx is not self._mtmd:
+            raise GenerationError("the prompt was tokenized for a vision context that has "
+                                  "since been replaced: tokenize it again")
         native = chunks.native_chunk(chunk)
         rc = mtmd.mtmd_encode_chunk(chunks.mtmd_ctx, native)
         if rc != 0:
@@ -429,10 +454,7 @@ class Backend:
 
     def close(self) -> None:
         """Free the mtmd context, the llama context and the model (idempotent)."""
-        for ctx in getattr(self, "_mtmd_budgets", {}).values():
-            mtmd.mtmd_free(ctx)
-        self._mtmd_budgets = {}
-        self._mtmd = None
+        self._free_mtmd()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
