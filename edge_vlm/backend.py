@@ -17,12 +17,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-import llama_cpp.mtmd_cpp as mtmd
-import numpy as np
-import numpy.typing as npt
+# llama.cpp's CPU threads meet at a barrier after every graph node (~1,300 per token). This
+# build runs them with OpenMP, whose runtime (libgomp) spins ~300,000 times (milliseconds)
+# before a waiting thread sleeps: on a busy machine, a thread whose partner was descheduled
+# burns its core waiting for it, and between tokens the workers spin while Python samples.
+# A bounded spin still catches the microsecond waits of an idle machine, then yields the
+# core. libgomp reads this once, when it loads: before `import llama_cpp`, and only when
+# the user has chosen nothing (OMP_WAIT_POLICY or GOMP_SPINCOUNT set: theirs wins).
+OMP_SPINCOUNT = "20000"
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT
 
-from edge_vlm.chunks import (
+import llama_cpp  # noqa: E402
+import llama_cpp.mtmd_cpp as mtmd  # noqa: E402
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+
+from edge_vlm.chunks import (  # noqa: E402
     BackendConfig,
     Chunk,
     ImageChunk,
@@ -32,7 +43,7 @@ from edge_vlm.chunks import (
     next_tile,
     share_copied_slice,
 )
-from edge_vlm.errors import GenerationError, ModelLoadError
+from edge_vlm.errors import GenerationError, ModelLoadError  # noqa: E402
 
 __all__ = [
     "Backend",
@@ -117,6 +128,23 @@ _FLASH = {
 }
 
 
+# libmtmd takes the vision encoder's thread count only when a context is made
+# (``mtmd_context_params.n_threads``) and has no setter. The context is made with this
+# improbable count, the one int field holding it is found in the struct's head, and the
+# real count written there (before any encoding: only encoding reads it). Where the value
+# is not found exactly once (another libmtmd layout), the context is made again with a
+# fixed count and the vision encoder keeps it.
+_THREADS_SENTINEL = 0x5EED1
+_STRUCT_HEAD = 256  # bytes searched; mtmd_context is larger (strings, vectors, tokens)
+
+
+def _find_int(ptr: int, value: int) -> int | None:
+    """The only 4-aligned offset in the first bytes at ``ptr`` holding ``value``, or None."""
+    head = (ctypes.c_int * (_STRUCT_HEAD // 4)).from_address(ptr)
+    hits = [i * 4 for i, v in enumerate(head) if v == value]
+    return hits[0] if len(hits) == 1 and hits[0] > 0 else None
+
+
 class Backend:
     """A loaded language model, its context and its mtmd (vision) context.
 
@@ -161,6 +189,7 @@ class Backend:
         cparams.n_ctx = cfg.n_ctx if cfg.n_ctx else min(self.n_ctx_train, 8192)
         cparams.n_batch = cfg.n_batch
         cparams.n_ubatch = cfg.n_batch
+        self.threads = cfg.threads
         cparams.n_threads = cfg.threads
         cparams.n_threads_batch = cfg.threads
         cparams.flash_attn_type = _FLASH[cfg.flash_attn]
@@ -178,6 +207,7 @@ class Backend:
 
         self._mtmd_key: tuple[int, int] | None = None
         self.mtmd_rebuilds = 0
+        self._mtmd_threads_at: int | None = 0  # offset of n_threads (0: not looked for yet)
         self.mtmd_for(cfg.image_max_tokens)
         if not mtmd.mtmd_support_vision(self._mtmd):
             raise ModelLoadError(f"mmproj '{cfg.mmproj_path}' has no vision encoder")
@@ -188,7 +218,8 @@ class Backend:
         mp = mtmd.mtmd_context_params_default()
         mp.use_gpu = cfg.mmproj_use_gpu
         mp.print_timings = False
-        mp.n_threads = cfg.threads
+        probe = self._mtmd_threads_at is not None
+        mp.n_threads = _THREADS_SENTINEL if probe else self.threads
         mp.flash_attn_type = _FLASH[cfg.flash_attn]
         mp.warmup = False
         if min_image_tokens:
@@ -201,7 +232,38 @@ class Backend:
                 f"llama.cpp could not load the mmproj '{cfg.mmproj_path}' for model "
                 f"'{cfg.model_path}' (run with --verbose to see llama.cpp's log)"
             )
+        if probe:
+            self._mtmd_threads_at = _find_int(ctx, _THREADS_SENTINEL)
+            if self._mtmd_threads_at is None:  # a layout we do not know: fixed threads
+                mtmd.mtmd_free(ctx)
+                return self._new_mtmd(max_image_tokens, min_image_tokens)
+            ctypes.c_int.from_address(ctx + self._mtmd_threads_at).value = self.threads
         return ctx
+
+    def set_threads(self, n: int) -> None:
+        """Use ``n`` CPU threads from the next llama.cpp call on (language model, and the
+        vision encoder where this libmtmd's layout allows it)."""
+        if n == self.threads or n < 1:
+            return
+        llama_cpp.llama_set_n_threads(self._ctx, n, n)
+        self.threads = n
+        if self._mtmd is not None and self._mtmd_threads_at:
+            addr = int(self._mtmd.value or 0)
+            ctypes.c_int.from_address(addr + self._mtmd_threads_at).value = n
+
+    @property
+    def n_threads(self) -> tuple[int, int]:
+        """Threads llama.cpp and the vision encoder will use, as they hold them now."""
+        vision = self.threads
+        if self._mtmd is not None and self._mtmd_threads_at:
+            addr = int(self._mtmd.value or 0)
+            vision = ctypes.c_int.from_address(addr + self._mtmd_threads_at).value
+        return int(llama_cpp.llama_n_threads(self._ctx)), int(vision)
+
+    @property
+    def vision_threads_adjustable(self) -> bool:
+        """Whether :meth:`set_threads` reaches the vision encoder too."""
+        return bool(self._mtmd_threads_at)
 
     def mtmd_for(self, max_image_tokens: int, min_image_tokens: int = 0) -> Any:
         """The vision context for an image-token budget (0: the model's full tiling).

@@ -28,6 +28,7 @@ from edge_vlm.backend import (
     SamplerParams,
     TextChunk,
 )
+from edge_vlm.cpuload import ThreadAdvisor
 from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.embcache import EmbeddingCache
 from edge_vlm.errors import ContextOverflowError, GenerationError
@@ -67,6 +68,10 @@ class Event:
     stats: GenerationStats | None = None
 
 
+REFIT_S = 0.5
+"""How often a running request re-reads the machine's load (a few file reads)."""
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far, in MiB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -82,6 +87,8 @@ class Engine:
         embedding_cache_bytes: Budget of the image-embedding LRU (0: off).
         prefix_reuse: Keep the KV cache between requests.
         disk_cache: An optional second level under the memory cache.
+        threads: Chooses the thread count from the machine's load, per request and again
+            every :data:`REFIT_S` while it runs (None: the backend's count, fixed).
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class Engine:
         embedding_cache_bytes: int,
         prefix_reuse: bool = True,
         disk_cache: DiskEmbeddingCache | None = None,
+        threads: ThreadAdvisor | None = None,
     ) -> None:
         self.backend = backend
         self.lock = threading.Lock()
@@ -101,6 +109,21 @@ class Engine:
         self._fingerprint = mmproj_fingerprint
         self._kv: list[KVItem] = []
         self._kv_pos = 0
+        self.threads = threads
+        self._threads_fit_at = 0.0
+
+    # -- threads ---------------------------------------------------------------------
+
+    def _fit_threads(self, *, start: bool = False) -> None:
+        """Follow the machine's load: at the start of a request (reading the run queue
+        too), then at most every :data:`REFIT_S` between chunks and tokens."""
+        if self.threads is None:
+            return
+        now = time.monotonic()
+        if not start and now - self._threads_fit_at < REFIT_S:
+            return
+        self._threads_fit_at = now
+        self.backend.set_threads(self.threads.threads(probe=start))
 
     # -- prompt ----------------------------------------------------------------------
 
@@ -175,6 +198,7 @@ class Engine:
         for ch in chunks.items:
             if cancel is not None and cancel.is_set():
                 return False
+            self._fit_threads()
             if isinstance(ch, TextChunk):
                 start = max(0, n_keep - idx)
                 todo = ch.tokens[start:]
@@ -275,6 +299,7 @@ class Engine:
                        detail=im.detail, decode_ms=im.decode_ms)
             for im in images
         ]
+        self._fit_threads(start=True)
         with self.tokenize(text, images, params.max_image_tokens) as chunks:
             stats.prompt_tokens = chunks.n_tokens
             stats.image_tokens = sum(
@@ -310,6 +335,7 @@ class Engine:
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
                     break
+                self._fit_threads()
                 tok = sampler.sample()
                 if t_first is None:
                     t_first = time.perf_counter()

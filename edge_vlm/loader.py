@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_vlm.config import Settings, cache_dir
+from edge_vlm.cpuload import ThreadAdvisor, machine_load
 from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.engine import Engine
 from edge_vlm.errors import ModelMismatchError
@@ -263,6 +264,8 @@ def load_model(name: str | Path | None, mmproj: str | Path | None,
             embedding_cache_bytes=settings.cache.embedding_cache_mb * 1024 * 1024,
             prefix_reuse=settings.cache.prefix_reuse,
             disk_cache=_disk_cache(settings),
+            # An explicit runtime.threads is kept as is; the default follows the load.
+            threads=None if rt.threads else ThreadAdvisor(backend.threads, machine_load()),
         )
     except BaseException:
         backend.close()
