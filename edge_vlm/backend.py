@@ -448,6 +448,36 @@ class Backend:
             llama_cpp.llama_memory_clear(mem, True)
             raise GenerationError("llama.cpp could not trim the KV cache; it was cleared")
 
+    def kv_state(self) -> bytearray:
+        """A copy of the KV cache's sequence state (for :meth:`kv_restore`).
+
+        Raises:
+            GenerationError: llama.cpp could not serialise it.
+        """
+        llama_cpp.llama_synchronize(self._ctx)
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, 0))
+        data = bytearray(size)
+        buf = (ctypes.c_uint8 * size).from_buffer(data)
+        n = int(llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, 0))
+        del buf  # release the export of ``data`` before resizing it
+        if n == 0 and size:
+            raise GenerationError("llama.cpp could not save the KV cache state")
+        del data[n:]
+        return data
+
+    def kv_restore(self, data: bytearray) -> None:
+        """Replace the KV cache with a state from :meth:`kv_state`.
+
+        Raises:
+            GenerationError: llama.cpp refused it (the KV cache is then empty).
+        """
+        self.kv_truncate(0)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        if not llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), 0):
+            self.kv_truncate(0)
+            raise GenerationError("llama.cpp could not restore a saved KV cache state; "
+                                  "the prompt is evaluated from scratch")
+
     def eval_tokens(self, tokens: Sequence[int], n_past: int) -> int:
         """Evaluate text tokens at ``n_past``; logits are kept for the last one.
 

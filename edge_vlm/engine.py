@@ -32,11 +32,9 @@ from edge_vlm.cpuload import ThreadAdvisor
 from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.embcache import EmbeddingCache
 from edge_vlm.errors import ContextOverflowError, GenerationError
+from edge_vlm.kvstate import KVItem, KVStateCache, common_prefix
 from edge_vlm.schema import FinishReason, GenerationStats, ImageStats
 from edge_vlm.stops import StopFilter
-
-# A KV item: a text token id, or an image's key (identity + position count).
-KVItem = int | tuple[str, int]
 
 
 @dataclass
@@ -87,6 +85,8 @@ class Engine:
         embedding_cache_bytes: Budget of the image-embedding LRU (0: off).
         prefix_reuse: Keep the KV cache between requests.
         disk_cache: An optional second level under the memory cache.
+        kv_state_bytes: Budget of saved KV states in host memory (0: off), so that a
+            conversation the live cache no longer holds is restored, not re-evaluated.
         threads: Chooses the thread count from the machine's load, per request and again
             every :data:`REFIT_S` while it runs (None: the backend's count, fixed).
     """
@@ -100,6 +100,7 @@ class Engine:
         prefix_reuse: bool = True,
         disk_cache: DiskEmbeddingCache | None = None,
         threads: ThreadAdvisor | None = None,
+        kv_state_bytes: int = 0,
     ) -> None:
         self.backend = backend
         self.lock = threading.Lock()
@@ -111,6 +112,7 @@ class Engine:
         self._kv_pos = 0
         self.threads = threads
         self._threads_fit_at = 0.0
+        self.kv_states = KVStateCache(kv_state_bytes)
 
     # -- threads ---------------------------------------------------------------------
 
@@ -183,6 +185,7 @@ class Engine:
             False if cancelled part-way.
         """
         items = self._items(chunks)
+        self._swap_kv_state([item for item, _ in items])
         n_keep, pos = self._reusable_prefix(items)
         self.backend.kv_truncate(pos)
         self._kv = self._kv[:n_keep]
@@ -236,6 +239,25 @@ class Engine:
             idx += 1
         stats.prompt_eval_ms = (time.perf_counter() - t0) * 1000.0
         return True
+
+    def _swap_kv_state(self, items: list[KVItem]) -> None:
+        """Before the live KV cache loses what the prompt does not share, save it; when a
+        saved state shares more of the prompt, restore that one instead."""
+        states = self.kv_states
+        if not states.max_bytes or not self.prefix_reuse:
+            return
+        live = common_prefix(self._kv, items)
+        if live < len(self._kv):
+            states.put(self._kv, self._kv_pos, self.backend.kv_state())
+        found = states.best(items, at_least=live)
+        if found is not None:
+            state = found[0]
+            try:
+                self.backend.kv_restore(state.data)
+            except GenerationError:
+                self._kv, self._kv_pos = [], 0
+                return
+            self._kv, self._kv_pos = list(state.items), state.n_pos
 
     def _image_embeddings(
         self, chunks: PromptChunks, ch: ImageChunk
@@ -412,6 +434,8 @@ class Engine:
             return self.backend.last_logits()
 
     def reset(self) -> None:
-        """Forget the KV cache (the next request evaluates from scratch)."""
+        """Forget the KV cache and the saved states (the next request evaluates from
+        scratch)."""
         with self.lock:
             self._forget()
+            self.kv_states.clear()

@@ -192,6 +192,7 @@ class LoadedModel:
         """Free everything llama.cpp holds for this model."""
         self.engine.backend.close()
         self.engine.cache.clear()
+        self.engine.kv_states.clear()
 
 
 def _disk_cache(settings: Settings) -> DiskEmbeddingCache | None:
@@ -266,6 +267,7 @@ def load_model(name: str | Path | None, mmproj: str | Path | None,
             disk_cache=_disk_cache(settings),
             # An explicit runtime.threads is kept as is; the default follows the load.
             threads=None if rt.threads else ThreadAdvisor(backend.threads, machine_load()),
+            kv_state_bytes=settings.cache.kv_ram_mb * 1024 * 1024,
         )
     except BaseException:
         backend.close()
