@@ -281,15 +281,17 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], rat: dict[str, float
     if "batch" in summary:
         lines += ["", f"Batch (issue 8): {m['args']['batch_images']} images x 3 prompts, "
                   f"{m['args']['batch_max_tokens']} tokens per answer, detail=high.", "",
-                  "| system | images/min | seconds | answers that ran the encoder | via |",
-                  "|---|---|---|---|---|"]
+                  "| system | images/min | seconds | answers that ran the encoder | via "
+                  "| peak RSS MB |",
+                  "|---|---|---|---|---|---|"]
         for system in ("edge", "handler"):
             f = summary["batch"].get(system)
             if f:
                 lines.append(
                     f"| {SYSTEM_NAMES[system]} | {_f(f.get('images_per_min'), '{:.2f}')} "
                     f"| {_f(f.get('seconds'))} | {_f(f.get('answers_that_encoded'), '{:.0f}')} "
-                    f"| {m.get('batch_via', {}).get(system, '')} |")
+                    f"| {m.get('batch_via', {}).get(system, '')} "
+                    f"| {_f(f.get('peak_rss_mb'), '{:.0f}')} |")
     lines += ["", "Same-run ratios (median over repetitions; > 1: edge-vlm faster):", "",
               "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in rat.items() if v is not None]
