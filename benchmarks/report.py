@@ -170,6 +170,12 @@ def targets(summary: dict[str, Any], rat: dict[str, float | None],
         _inv(rat.get("c.ttft_speedup_vs_handler")), 0.1, higher_better=False)
     add("(d) TTFT of a new conversation about a seen image / cold TTFT (edge-vlm)",
         rat.get("d.warm_over_cold_edge"), 1 / 3, higher_better=False)
+    for sc, label in (("d-sys", "(d-sys) new conversation, same system prompt and image, "
+                                "TTFT s (issue 17; 500M shape, full detail)"),
+                      ("alt", "(alt) two conversations alternating: slowest follow-up TTFT s "
+                              "(issue 17)")):
+        ttft = (summary.get(sc, {}).get("edge") or {}).get("ttft_ms")
+        add(label, None if ttft is None else ttft / 1000.0, 1.0, higher_better=False)
     bw = meta.get("bandwidth", {}).get("two_threads_bytes_s", 0.0)
     wb = meta.get("model", {}).get("weight_bytes", 0)
     dec = (summary.get("a", {}).get("edge") or {}).get("decode_tps")

@@ -365,6 +365,27 @@ def run_scenario(client: Any, key: str, inp: BenchInputs, args: argparse.Namespa
         say(f"  first conversation: TTFT {out['cold']['ttft_ms'] / 1000:.2f} s")
         out["main"], _ = client.ask([system(FOLLOW_UP_SYSTEM),
                                      user([inp.square], FOLLOW_UP_QUESTION, detail)])
+    elif key == "d-sys":
+        # The same system prompt and image as a first conversation, with another
+        # conversation in between (the live KV cache then holds that one).
+        out["cold"], _ = client.ask([system(FOLLOW_UP_SYSTEM),
+                                     user([inp.square], QUESTION, detail)])
+        out["between"], _ = client.ask([user([inp.square2], QUESTION, detail)])
+        out["main"], _ = client.ask([system(FOLLOW_UP_SYSTEM),
+                                     user([inp.square], FOLLOW_UP_QUESTION, detail)])
+    elif key == "alt":
+        convs: dict[str, Messages] = {"a": [], "b": []}
+        images = {"a": inp.square, "b": inp.square2}
+        for turn, q in enumerate(TURNS[:3], 1):
+            for name, messages in convs.items():
+                messages.append(user([images[name]], q, detail) if turn == 1 else
+                                {"role": "user", "content": [{"type": "text", "text": q}]})
+                req, answer = client.ask(messages)
+                out[f"{name}{turn}"] = req
+                messages.append(assistant(answer))
+                say(f"  conversation {name}, turn {turn}: TTFT {req['ttft_ms'] / 1000:.2f} s")
+        follow_ups = [out[k] for k in ("a2", "b2", "a3", "b3")]
+        out["main"] = max(follow_ups, key=lambda r: r["ttft_ms"])
     elif key == "batch":
         out["main"] = client.batch(inp.batch, BATCH_PROMPTS, args.batch_max_tokens,
                                    detail or "high")

@@ -12,7 +12,8 @@ two threads, while one thread kept ~100. So the thread count follows the free co
   counts, so a busy loop that started a moment ago is seen;
 - threads = the free cores (``n_cpus - others``) rounded down, with a little slack, between
   1 and the configured maximum. The cost is asymmetric (one thread too many: several times
-  slower; one too few: ~1.2x slower), so the rounding leans towards fewer.
+  slower; one too few: ~1.2x slower), so the rounding leans towards fewer, fewer threads
+  are taken at once and more only after the cores have stayed free for a few seconds.
 
 The sources are small objects with a ``sample()`` method so that tests can script the load
 (:class:`ScriptedLoad` in the tests is such a fake).
@@ -39,6 +40,8 @@ WINDOW_S = 1.0
 """The load is averaged over about this long."""
 MIN_WINDOW_S = 0.2
 """A shorter span between two samples says too little: the run queue decides alone."""
+RAISE_AFTER_S = 3.0
+"""More threads only after the cores have been free this long."""
 
 
 @dataclass(frozen=True)
@@ -211,11 +214,47 @@ class ThreadAdvisor:
                               else None) if x is not None]
         return max(counts) if counts else None
 
-    def threads(self, *, probe: bool = True) -> int:
-        """The thread count for the next piece of work."""
+    def threads(self, *, probe: bool = True, current: int | None = None) -> int:
+        """The thread count for the next piece of work.
+
+        Args:
+            probe: Also read the run queue (at the start of a request).
+            current: The count in use: more threads than that only when the cores have
+                been free for :data:`RAISE_AFTER_S` (one thread too many costs far more
+                than one too few), fewer at once.
+        """
         others = self.others(probe=probe)
         self.last_others = others
         if others is None or self.source is None:
             return self.max_threads
+        n = self._fit(others)
+        if current is not None and n > current:
+            n = max(current, min(n, self._fit(self._busiest_recent())))
+        return n
+
+    def _fit(self, others: float) -> int:
+        assert self.source is not None
         free = self.source.n_cpus - others
         return max(1, min(self.max_threads, math.floor(free + SLACK)))
+
+    def _busiest_recent(self) -> float:
+        """The most cores others used between any two recorded samples of the last
+        :data:`RAISE_AFTER_S` (0 when there is no such pair)."""
+        with self._lock:
+            hist = list(self._history)
+        if not hist:
+            return 0.0
+        newest = hist[-1].t
+        recent = [s for s in hist if newest - s.t <= RAISE_AFTER_S]
+        # The span reaching back to the first sample older than the horizon counts too.
+        older = [s for s in hist if newest - s.t > RAISE_AFTER_S]
+        if older:
+            recent.insert(0, older[-1])
+        worst = 0.0
+        base = recent[0]
+        for s in recent[1:]:
+            if s.t - base.t >= MIN_WINDOW_S:
+                worst = max(worst, ((s.busy_s - base.busy_s) - (s.own_s - base.own_s))
+                            / (s.t - base.t))
+                base = s
+        return worst

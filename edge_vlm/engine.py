@@ -125,7 +125,8 @@ class Engine:
         if not start and now - self._threads_fit_at < REFIT_S:
             return
         self._threads_fit_at = now
-        self.backend.set_threads(self.threads.threads(probe=start))
+        self.backend.set_threads(
+            self.threads.threads(probe=start, current=self.backend.threads))
 
     # -- prompt ----------------------------------------------------------------------
 

@@ -150,7 +150,11 @@ def test_the_engine_applies_the_choice_to_llama_cpp_and_the_vision_encoder(
         assert backend.n_threads == (1, 1)
         assert busy == quiet  # fewer threads, same answer
         load.queue.clear()
-        load.script([IDLE] * 40)  # the other program has finished
+        load.script([IDLE] * 40)  # the other program has finished...
+        _ask(vlm, images["blue"])
+        assert backend.n_threads == (1, 1)  # ...a moment ago: not yet
+        for _ in range(4):  # quiet for four seconds
+            engine.threads.observe()
         _ask(vlm, images["blue"])
         assert backend.n_threads == (2, 2)
 
@@ -159,3 +163,22 @@ def test_an_explicit_thread_count_is_kept(tiny_paths):
     with edge_vlm.load(tiny_paths.model, tiny_paths.mmproj, threads=1, gpu="off") as vlm:
         assert vlm.engine.threads is None
         assert vlm.engine.backend.n_threads[0] == 1
+
+
+def test_fewer_threads_at_once_more_only_after_the_cores_stay_free():
+    busy = (1.0, 0.0, 0.5, 1)
+    quiet = (0.0, 0.0, 0.5, 0)
+    load = ScriptedLoad(2)
+    load.script([busy] * 3)
+    a = ThreadAdvisor(2, load, probes=1, sleep=lambda s: None)
+    a.observe()
+    a.observe()
+    assert a.threads(probe=False, current=2) == 1  # at once
+    load.script([quiet] * 3)
+    a.observe()
+    # Quiet for a second only: the busy spell is within the last 3 s, stay at one.
+    assert a.threads(probe=False, current=1) == 1
+    load.script([quiet] * 8)
+    for _ in range(7):
+        a.observe()
+    assert a.threads(probe=False, current=1) == 2  # quiet for 4 s
