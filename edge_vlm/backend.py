@@ -221,7 +221,7 @@ class Backend:
         probe = self._mtmd_threads_at is not None
         mp.n_threads = _THREADS_SENTINEL if probe else self.threads
         mp.flash_attn_type = _FLASH[cfg.flash_attn]
-        mp.warmup = False
+        mp.warmup = False  # must stay off: a warm-up would encode with the sentinel count
         if min_image_tokens:
             mp.image_min_tokens = min_image_tokens
         if max_image_tokens:

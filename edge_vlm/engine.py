@@ -249,7 +249,8 @@ class Engine:
             return
         live = common_prefix(self._kv, items)
         if live < len(self._kv):
-            states.put(self._kv, self._kv_pos, self.backend.kv_state())
+            with contextlib.suppress(GenerationError):  # not saved: only a later cost
+                states.put(self._kv, self._kv_pos, self.backend.kv_state())
         found = states.best(items, at_least=live)
         if found is not None:
             state = found[0]
