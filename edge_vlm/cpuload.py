@@ -7,7 +7,8 @@ every barrier waits for it: on a 2-core laptop decoding fell from ~120 to ~30 to
 two threads, while one thread kept ~100. So the thread count follows the free cores:
 
 - *others* = CPU time every process used (``/proc/stat``, or psutil elsewhere) minus this
-  process's own, over the last second or so, in cores; when a request starts, the run queue
+  process's own, over the last second or so (after an idle spell: since the last reading,
+  taken during the previous request), in cores; when a request starts, the run queue
   (runnable threads that are not ours) is also read a few times, and the larger of the two
   counts, so a busy loop that started a moment ago is seen;
 - threads = the free cores (``n_cpus - others``) rounded down, with a little slack, between
@@ -170,7 +171,7 @@ class ThreadAdvisor:
         self.observe()
 
     def observe(self) -> CpuSample | None:
-        """Record the counters now (the engine calls it between requests and tokens)."""
+        """Record the counters now (every decision records one too)."""
         if self.source is None:
             return None
         s = self.source.sample()
