@@ -22,8 +22,11 @@ from typing import Any
 # before a waiting thread sleeps: on a busy machine, a thread whose partner was descheduled
 # burns its core waiting for it, and between tokens the workers spin while Python samples.
 # A bounded spin still catches the microsecond waits of an idle machine, then yields the
-# core. libgomp reads this once, when it loads: before `import llama_cpp`, and only when
-# the user has chosen nothing (OMP_WAIT_POLICY or GOMP_SPINCOUNT set: theirs wins).
+# core; sleeping at once (OMP_WAIT_POLICY=passive) made idle decoding ~3x slower on a
+# 2-vCPU VM (42-47 against 138-142 tokens/s, two threads), every barrier then waiting for
+# a wake-up. Under load the thread count does most (see cpuload.py). libgomp reads this
+# once, when it loads: before `import llama_cpp`, and only when the user has chosen nothing
+# (OMP_WAIT_POLICY or GOMP_SPINCOUNT set: theirs wins).
 OMP_SPINCOUNT = "20000"
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT
