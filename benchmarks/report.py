@@ -170,6 +170,12 @@ def targets(summary: dict[str, Any], rat: dict[str, float | None],
         _inv(rat.get("c.ttft_speedup_vs_handler")), 0.1, higher_better=False)
     add("(d) TTFT of a new conversation about a seen image / cold TTFT (edge-vlm)",
         rat.get("d.warm_over_cold_edge"), 1 / 3, higher_better=False)
+    for sc, label in (("d-sys", "(d-sys) new conversation, same system prompt and image, "
+                                "TTFT s (issue 17; 500M shape, full detail)"),
+                      ("alt", "(alt) two conversations alternating: slowest follow-up TTFT s "
+                              "(issue 17)")):
+        ttft = (summary.get(sc, {}).get("edge") or {}).get("ttft_ms")
+        add(label, None if ttft is None else ttft / 1000.0, 1.0, higher_better=False)
     bw = meta.get("bandwidth", {}).get("two_threads_bytes_s", 0.0)
     wb = meta.get("model", {}).get("weight_bytes", 0)
     dec = (summary.get("a", {}).get("edge") or {}).get("decode_tps")
@@ -281,15 +287,17 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any], rat: dict[str, float
     if "batch" in summary:
         lines += ["", f"Batch (issue 8): {m['args']['batch_images']} images x 3 prompts, "
                   f"{m['args']['batch_max_tokens']} tokens per answer, detail=high.", "",
-                  "| system | images/min | seconds | answers that ran the encoder | via |",
-                  "|---|---|---|---|---|"]
+                  "| system | images/min | seconds | answers that ran the encoder | via "
+                  "| peak RSS MB |",
+                  "|---|---|---|---|---|---|"]
         for system in ("edge", "handler"):
             f = summary["batch"].get(system)
             if f:
                 lines.append(
                     f"| {SYSTEM_NAMES[system]} | {_f(f.get('images_per_min'), '{:.2f}')} "
                     f"| {_f(f.get('seconds'))} | {_f(f.get('answers_that_encoded'), '{:.0f}')} "
-                    f"| {m.get('batch_via', {}).get(system, '')} |")
+                    f"| {m.get('batch_via', {}).get(system, '')} "
+                    f"| {_f(f.get('peak_rss_mb'), '{:.0f}')} |")
     lines += ["", "Same-run ratios (median over repetitions; > 1: edge-vlm faster):", "",
               "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in rat.items() if v is not None]

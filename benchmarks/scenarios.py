@@ -57,4 +57,9 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     Scenario("a-auto", "512x512 PNG, detail=auto (edge-vlm's default)", ("edge",), "auto"),
     Scenario("b-low", "4032x3024 JPEG, detail=low", ("edge",), "low"),
     Scenario("b-auto", "4032x3024 JPEG, detail=auto (edge-vlm's default)", ("edge",), "auto"),
+    # Issue 17: coming back to a conversation the live KV cache no longer holds.
+    Scenario("d-sys", "new conversation, same system prompt and image, after another one",
+             ("edge", "handler")),
+    Scenario("alt", "two conversations alternating turns (slowest follow-up TTFT)",
+             ("edge", "handler")),
 )}

@@ -98,11 +98,13 @@ class EdgeClient:
         import edge_vlm
 
         t0 = time.perf_counter()
-        self.vlm = edge_vlm.load(args.model, args.mmproj, threads=args.threads,
+        # --threads 0: edge-vlm's default (runtime.threads unset: it follows the load).
+        self.vlm = edge_vlm.load(args.model, args.mmproj, threads=args.threads or None,
                                  n_ctx=args.n_ctx, flash_attn=args.edge_flash_attn)
         self.load_s = time.perf_counter() - t0
         self.max_tokens = args.max_tokens
-        self.info = {"flash_attn": args.edge_flash_attn}
+        self.info = {"flash_attn": args.edge_flash_attn,
+                     "threads": args.threads or "auto (follows the load)"}
 
     def ask(self, messages: Messages, max_tokens: int | None = None) -> tuple[Request, str]:
         t0 = time.perf_counter()
@@ -146,7 +148,11 @@ class EdgeClient:
             "passes": sum(im.encoded for im in stats.images),
             "internal_ttft_ms": stats.ttft_ms,
             "internal_decode_tps": stats.decode_tps,
+            "threads_at_end": list(self.vlm.engine.backend.n_threads),
         }
+        advisor = self.vlm.engine.threads
+        if advisor is not None and advisor.last_others is not None:
+            req["others_cores_seen"] = advisor.last_others
         return req, "".join(text)
 
     def batch(self, images: list[Path], prompts: tuple[str, ...], max_tokens: int,
@@ -240,8 +246,10 @@ class HandlerClient:
         self.tap = tap
         t0 = time.perf_counter()
         handler = MTMDChatHandler(clip_model_path=str(args.mmproj), verbose=True)
+        # --threads 0: Llama's default (half the logical CPUs).
         self.llm = Llama(model_path=str(args.model), chat_handler=handler, n_ctx=args.n_ctx,
-                         n_threads=args.threads, n_threads_batch=args.threads,
+                         n_threads=args.threads or None,
+                         n_threads_batch=args.threads or None,
                          flash_attn=args.handler_flash_attn == "on", verbose=True)
         self.load_s = time.perf_counter() - t0
         self.max_tokens = args.max_tokens
@@ -357,6 +365,27 @@ def run_scenario(client: Any, key: str, inp: BenchInputs, args: argparse.Namespa
         say(f"  first conversation: TTFT {out['cold']['ttft_ms'] / 1000:.2f} s")
         out["main"], _ = client.ask([system(FOLLOW_UP_SYSTEM),
                                      user([inp.square], FOLLOW_UP_QUESTION, detail)])
+    elif key == "d-sys":
+        # The same system prompt and image as a first conversation, with another
+        # conversation in between (the live KV cache then holds that one).
+        out["cold"], _ = client.ask([system(FOLLOW_UP_SYSTEM),
+                                     user([inp.square], QUESTION, detail)])
+        out["between"], _ = client.ask([user([inp.square2], QUESTION, detail)])
+        out["main"], _ = client.ask([system(FOLLOW_UP_SYSTEM),
+                                     user([inp.square], FOLLOW_UP_QUESTION, detail)])
+    elif key == "alt":
+        convs: dict[str, Messages] = {"a": [], "b": []}
+        images = {"a": inp.square, "b": inp.square2}
+        for turn, q in enumerate(TURNS[:3], 1):
+            for name, messages in convs.items():
+                messages.append(user([images[name]], q, detail) if turn == 1 else
+                                {"role": "user", "content": [{"type": "text", "text": q}]})
+                req, answer = client.ask(messages)
+                out[f"{name}{turn}"] = req
+                messages.append(assistant(answer))
+                say(f"  conversation {name}, turn {turn}: TTFT {req['ttft_ms'] / 1000:.2f} s")
+        follow_ups = [out[k] for k in ("a2", "b2", "a3", "b3")]
+        out["main"] = max(follow_ups, key=lambda r: r["ttft_ms"])
     elif key == "batch":
         out["main"] = client.batch(inp.batch, BATCH_PROMPTS, args.batch_max_tokens,
                                    detail or "high")
@@ -377,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mmproj", required=True, type=Path)
     ap.add_argument("--inputs", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="0: each system's default (edge-vlm: follows the load; "
+                         "llama-mtmd-cli -t 0: every hardware thread; Llama: half of them)")
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batch-images", type=int, default=3)

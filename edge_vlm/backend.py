@@ -17,12 +17,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-import llama_cpp.mtmd_cpp as mtmd
-import numpy as np
-import numpy.typing as npt
+# llama.cpp's CPU threads meet at a barrier after every graph node (~1,300 per token). This
+# build runs them with OpenMP, whose runtime (libgomp) spins ~300,000 times (milliseconds)
+# before a waiting thread sleeps: on a busy machine, a thread whose partner was descheduled
+# burns its core waiting for it, and between tokens the workers spin while Python samples.
+# A bounded spin still catches the microsecond waits of an idle machine, then yields the
+# core; sleeping at once (OMP_WAIT_POLICY=passive) made idle decoding ~3x slower on a
+# 2-vCPU VM (42-47 against 138-142 tokens/s, two threads), every barrier then waiting for
+# a wake-up. Under load the thread count does most (see cpuload.py). libgomp reads this
+# once, when it loads: before `import llama_cpp`, and only when the user has chosen nothing
+# (OMP_WAIT_POLICY or GOMP_SPINCOUNT set: theirs wins).
+OMP_SPINCOUNT = "20000"
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT
 
-from edge_vlm.chunks import (
+import llama_cpp  # noqa: E402
+import llama_cpp.mtmd_cpp as mtmd  # noqa: E402
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+
+from edge_vlm.chunks import (  # noqa: E402
     BackendConfig,
     Chunk,
     ImageChunk,
@@ -32,8 +46,8 @@ from edge_vlm.chunks import (
     next_tile,
     share_copied_slice,
 )
-from edge_vlm.errors import GenerationError, ModelLoadError, RequestError
-from edge_vlm.prompt import RenderedPrompt
+from edge_vlm.errors import GenerationError, ModelLoadError, RequestError  # noqa: E402
+from edge_vlm.prompt import RenderedPrompt  # noqa: E402
 
 __all__ = [
     "Backend",
@@ -128,6 +142,23 @@ _FLASH = {
 }
 
 
+# libmtmd takes the vision encoder's thread count only when a context is made
+# (``mtmd_context_params.n_threads``) and has no setter. The context is made with this
+# improbable count, the one int field holding it is found in the struct's head, and the
+# real count written there (before any encoding: only encoding reads it). Where the value
+# is not found exactly once (another libmtmd layout), the context is made again with a
+# fixed count and the vision encoder keeps it.
+_THREADS_SENTINEL = 0x5EED1
+_STRUCT_HEAD = 256  # bytes searched; mtmd_context is larger (strings, vectors, tokens)
+
+
+def _find_int(ptr: int, value: int) -> int | None:
+    """The only 4-aligned offset in the first bytes at ``ptr`` holding ``value``, or None."""
+    head = (ctypes.c_int * (_STRUCT_HEAD // 4)).from_address(ptr)
+    hits = [i * 4 for i, v in enumerate(head) if v == value]
+    return hits[0] if len(hits) == 1 and hits[0] > 0 else None
+
+
 class Backend:
     """A loaded language model, its context and its mtmd (vision) context.
 
@@ -175,6 +206,7 @@ class Backend:
         cparams.n_ctx = cfg.n_ctx if cfg.n_ctx else min(self.n_ctx_train, 8192)
         cparams.n_batch = cfg.n_batch
         cparams.n_ubatch = cfg.n_batch
+        self.threads = cfg.threads
         cparams.n_threads = cfg.threads
         cparams.n_threads_batch = cfg.threads
         cparams.flash_attn_type = _FLASH[cfg.flash_attn]
@@ -190,22 +222,25 @@ class Backend:
         self.n_batch = cfg.n_batch
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
-        self._mtmd_budgets: dict[int, Any] = {}
-        self._mtmd = self._new_mtmd(cfg.image_max_tokens)
+        self._mtmd_key: tuple[int, int] | None = None
+        self.mtmd_rebuilds = 0
+        self._mtmd_threads_at: int | None = 0  # offset of n_threads (0: not looked for yet)
+        self.mtmd_for(cfg.image_max_tokens)
         if not mtmd.mtmd_support_vision(self._mtmd):
             raise ModelLoadError(f"mmproj '{cfg.mmproj_path}' has no vision encoder")
         self.marker = mtmd.mtmd_default_marker().decode()
 
-    def _new_mtmd(self, max_image_tokens: int) -> Any:
+    def _new_mtmd(self, max_image_tokens: int, min_image_tokens: int) -> Any:
         cfg = self.cfg
         mp = mtmd.mtmd_context_params_default()
         mp.use_gpu = cfg.mmproj_use_gpu
         mp.print_timings = False
-        mp.n_threads = cfg.threads
+        probe = self._mtmd_threads_at is not None
+        mp.n_threads = _THREADS_SENTINEL if probe else self.threads
         mp.flash_attn_type = _FLASH[cfg.flash_attn]
-        mp.warmup = False
-        if cfg.image_min_tokens:
-            mp.image_min_tokens = cfg.image_min_tokens
+        mp.warmup = False  # must stay off: a warm-up would encode with the sentinel count
+        if min_image_tokens:
+            mp.image_min_tokens = min_image_tokens
         if max_image_tokens:
             mp.image_max_tokens = max_image_tokens
         ctx = mtmd.mtmd_init_from_file(str(cfg.mmproj_path).encode(), self._model, mp)
@@ -214,18 +249,70 @@ class Backend:
                 f"llama.cpp could not load the mmproj '{cfg.mmproj_path}' for model "
                 f"'{cfg.model_path}' (run with --verbose to see llama.cpp's log)"
             )
-        self._mtmd_budgets[max_image_tokens] = ctx
+        if probe:
+            self._mtmd_threads_at = _find_int(ctx, _THREADS_SENTINEL)
+            if self._mtmd_threads_at is None:  # a layout we do not know: fixed threads
+                mtmd.mtmd_free(ctx)
+                return self._new_mtmd(max_image_tokens, min_image_tokens)
+            ctypes.c_int.from_address(ctx + self._mtmd_threads_at).value = self.threads
         return ctx
 
-    def mtmd_for(self, max_image_tokens: int) -> Any:
+    def set_threads(self, n: int) -> None:
+        """Use ``n`` CPU threads from the next llama.cpp call on (language model, and the
+        vision encoder where this libmtmd's layout allows it)."""
+        if n == self.threads or n < 1:
+            return
+        llama_cpp.llama_set_n_threads(self._ctx, n, n)
+        self.threads = n
+        if self._mtmd is not None and self._mtmd_threads_at:
+            addr = int(self._mtmd.value or 0)
+            ctypes.c_int.from_address(addr + self._mtmd_threads_at).value = n
+
+    @property
+    def n_threads(self) -> tuple[int, int]:
+        """Threads llama.cpp and the vision encoder will use, as they hold them now."""
+        vision = self.threads
+        if self._mtmd is not None and self._mtmd_threads_at:
+            addr = int(self._mtmd.value or 0)
+            vision = ctypes.c_int.from_address(addr + self._mtmd_threads_at).value
+        return int(llama_cpp.llama_n_threads(self._ctx)), int(vision)
+
+    @property
+    def vision_threads_adjustable(self) -> bool:
+        """Whether :meth:`set_threads` reaches the vision encoder too."""
+        return bool(self._mtmd_threads_at)
+
+    def mtmd_for(self, max_image_tokens: int, min_image_tokens: int = 0) -> Any:
         """The vision context for an image-token budget (0: the model's full tiling).
 
-        A tiling projector's preprocessing is fixed per mtmd context, so each budget gets
-        its own context, created on first use (it holds its own copy of the mmproj
-        weights: the memory cost of a second detail level).
+        A tiling projector's preprocessing is fixed per mtmd context, and every context
+        holds its own copy of the mmproj weights. So the backend keeps exactly one, keyed
+        by all of its parameters, and rebuilds it when a request needs other ones: the old
+        context is freed *before* the new one loads, so the process never holds two copies
+        (peak memory as llama-mtmd-cli's), at the price of re-reading the mmproj file on a
+        switch of detail level (from the page cache: a fraction of one encoder pass).
         """
-        ctx = self._mtmd_budgets.get(max_image_tokens)
-        return ctx if ctx is not None else self._new_mtmd(max_image_tokens)
+        key = (max_image_tokens, min_image_tokens or self.cfg.image_min_tokens)
+        if self._mtmd is not None and self._mtmd_key == key:
+            return self._mtmd
+        self._free_mtmd()
+        # A new Python object per context: prompts tokenized for an earlier one are told
+        # apart by identity even when malloc hands back the same address.
+        self._mtmd = ctypes.c_void_p(self._new_mtmd(*key))
+        self._mtmd_key = key
+        self.mtmd_rebuilds += 1
+        return self._mtmd
+
+    @property
+    def vision_contexts(self) -> int:
+        """libmtmd contexts alive, each holding a copy of the mmproj weights (at most 1)."""
+        return 0 if self._mtmd is None else 1
+
+    def _free_mtmd(self) -> None:
+        if self._mtmd is not None:
+            mtmd.mtmd_free(self._mtmd)
+        self._mtmd = None
+        self._mtmd_key = None
 
     # -- metadata ------------------------------------------------------------------------
 
@@ -517,6 +604,36 @@ class Backend:
             return pos_min <= max(0, n_pos - self.n_swa)
         return True
 
+    def kv_state(self) -> bytearray:
+        """A copy of the KV cache's sequence state (for :meth:`kv_restore`).
+
+        Raises:
+            GenerationError: llama.cpp could not serialise it.
+        """
+        llama_cpp.llama_synchronize(self._ctx)
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, 0))
+        data = bytearray(size)
+        buf = (ctypes.c_uint8 * size).from_buffer(data)
+        n = int(llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, 0))
+        del buf  # release the export of ``data`` before resizing it
+        if n == 0 and size:
+            raise GenerationError("llama.cpp could not save the KV cache state")
+        del data[n:]
+        return data
+
+    def kv_restore(self, data: bytearray) -> None:
+        """Replace the KV cache with a state from :meth:`kv_state`.
+
+        Raises:
+            GenerationError: llama.cpp refused it (the KV cache is then empty).
+        """
+        self.kv_truncate(0)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        if not llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), 0):
+            self.kv_truncate(0)
+            raise GenerationError("llama.cpp could not restore a saved KV cache state; "
+                                  "the prompt is evaluated from scratch")
+
     def eval_tokens(self, tokens: Sequence[int], n_past: int) -> int:
         """Evaluate text tokens at ``n_past``; logits are kept for the last one.
 
@@ -541,6 +658,9 @@ class Backend:
 
     def encode_image(self, chunks: PromptChunks, chunk: ImageChunk) -> npt.NDArray[np.float32]:
         """Run the vision encoder on an image chunk; returns ``[n_tokens, n_embd]`` floats."""
+        if chunks.mtmd_ctx is not self._mtmd:
+            raise GenerationError("the prompt was tokenized for a vision context that has "
+                                  "since been replaced: tokenize it again")
         native = chunks.native_chunk(chunk)
         rc = mtmd.mtmd_encode_chunk(chunks.mtmd_ctx, native)
         if rc != 0:
@@ -582,10 +702,7 @@ class Backend:
 
     def close(self) -> None:
         """Free the mtmd context, the llama context and the model (idempotent)."""
-        for ctx in getattr(self, "_mtmd_budgets", {}).values():
-            mtmd.mtmd_free(ctx)
-        self._mtmd_budgets = {}
-        self._mtmd = None
+        self._free_mtmd()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None

@@ -131,6 +131,9 @@ class CacheSettings(_Section):
     read; a corrupt one is discarded."""
     disk_cache_dir: str | None = None
     """Folder of the on-disk cache (None: ``embeddings`` in the platform cache dir)."""
+    kv_ram_mb: int = Field(default=256, ge=0)
+    """Recent conversations' KV-cache states kept in memory, in MiB (0: off): coming back
+    to one restores its state instead of evaluating its prompt again."""
 
 
 class ServerSettings(_Section):

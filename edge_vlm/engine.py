@@ -29,15 +29,14 @@ from edge_vlm.backend import (
     SamplerParams,
     TextChunk,
 )
+from edge_vlm.cpuload import ThreadAdvisor
 from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.embcache import EmbeddingCache
 from edge_vlm.errors import ContextOverflowError, GenerationError
 from edge_vlm.prompt import PromptPiece, RenderedPrompt
+from edge_vlm.kvstate import KVItem, KVStateCache, common_prefix
 from edge_vlm.schema import FinishReason, GenerationStats, ImageStats
 from edge_vlm.stops import StopFilter
-
-# A KV item: a text token id, or an image's key (identity + position count).
-KVItem = int | tuple[str, int]
 
 
 @dataclass
@@ -69,6 +68,10 @@ class Event:
     stats: GenerationStats | None = None
 
 
+REFIT_S = 0.5
+"""How often a running request re-reads the machine's load (a few file reads)."""
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far, in MiB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -84,6 +87,10 @@ class Engine:
         embedding_cache_bytes: Budget of the image-embedding LRU (0: off).
         prefix_reuse: Keep the KV cache between requests.
         disk_cache: An optional second level under the memory cache.
+        kv_state_bytes: Budget of saved KV states in host memory (0: off), so that a
+            conversation the live cache no longer holds is restored, not re-evaluated.
+        threads: Chooses the thread count from the machine's load, per request and again
+            every :data:`REFIT_S` while it runs (None: the backend's count, fixed).
     """
 
     def __init__(
@@ -94,6 +101,8 @@ class Engine:
         embedding_cache_bytes: int,
         prefix_reuse: bool = True,
         disk_cache: DiskEmbeddingCache | None = None,
+        threads: ThreadAdvisor | None = None,
+        kv_state_bytes: int = 0,
     ) -> None:
         self.backend = backend
         self.lock = threading.Lock()
@@ -104,6 +113,23 @@ class Engine:
         self._kv: list[KVItem] = []
         self._kv_pos = 0
         self._kv_cells = 0  # KV cells in use: one per token (positions can be fewer)
+        self.threads = threads
+        self._threads_fit_at = 0.0
+        self.kv_states = KVStateCache(kv_state_bytes)
+
+    # -- threads ---------------------------------------------------------------------
+
+    def _fit_threads(self, *, start: bool = False) -> None:
+        """Follow the machine's load: at the start of a request (reading the run queue
+        too), then at most every :data:`REFIT_S` between chunks and tokens."""
+        if self.threads is None:
+            return
+        now = time.monotonic()
+        if not start and now - self._threads_fit_at < REFIT_S:
+            return
+        self._threads_fit_at = now
+        self.backend.set_threads(
+            self.threads.threads(probe=start, current=self.backend.threads))
 
     # -- prompt ----------------------------------------------------------------------
 
@@ -215,6 +241,7 @@ class Engine:
             False if cancelled part-way.
         """
         items = self._items(chunks)
+        self._swap_kv_state([item for item, _ in items])
         n_keep, pos = self._reusable_prefix(items)
         self.backend.kv_truncate(pos)
         self._kv = self._kv[:n_keep]
@@ -231,6 +258,7 @@ class Engine:
         for ch in chunks.items:
             if cancel is not None and cancel.is_set():
                 return False
+            self._fit_threads()
             if isinstance(ch, TextChunk):
                 start = max(0, n_keep - idx)
                 todo = ch.tokens[start:]
@@ -270,6 +298,26 @@ class Engine:
             idx += 1
         stats.prompt_eval_ms = (time.perf_counter() - t0) * 1000.0
         return True
+
+    def _swap_kv_state(self, items: list[KVItem]) -> None:
+        """Before the live KV cache loses what the prompt does not share, save it; when a
+        saved state shares more of the prompt, restore that one instead."""
+        states = self.kv_states
+        if not states.max_bytes or not self.prefix_reuse:
+            return
+        live = common_prefix(self._kv, items)
+        if live < len(self._kv):
+            with contextlib.suppress(GenerationError):  # not saved: only a later cost
+                states.put(self._kv, self._kv_pos, self.backend.kv_state())
+        found = states.best(items, at_least=live)
+        if found is not None:
+            state = found[0]
+            try:
+                self.backend.kv_restore(state.data)
+            except GenerationError:
+                self._kv, self._kv_pos = [], 0
+                return
+            self._kv, self._kv_pos = list(state.items), state.n_pos
 
     def _image_embeddings(
         self, chunks: PromptChunks, ch: ImageChunk
@@ -333,6 +381,7 @@ class Engine:
                        detail=im.detail, decode_ms=im.decode_ms)
             for im in images
         ]
+        self._fit_threads(start=True)
         with self.tokenize(text, images, params.max_image_tokens) as chunks:
             stats.prompt_tokens = chunks.n_tokens
             stats.image_tokens = sum(
@@ -368,6 +417,7 @@ class Engine:
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
                     break
+                self._fit_threads()
                 tok = sampler.sample()
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -450,6 +500,8 @@ class Engine:
             return self.backend.last_logits()
 
     def reset(self) -> None:
-        """Forget the KV cache (the next request evaluates from scratch)."""
+        """Forget the KV cache and the saved states (the next request evaluates from
+        scratch)."""
         with self.lock:
             self._forget()
+            self.kv_states.clear()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_vlm.config import Settings, cache_dir
+from edge_vlm.cpuload import ThreadAdvisor, machine_load
 from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.engine import Engine
 from edge_vlm.errors import ModelMismatchError
@@ -226,6 +227,7 @@ class LoadedModel:
         """Free everything llama.cpp holds for this model."""
         self.engine.backend.close()
         self.engine.cache.clear()
+        self.engine.kv_states.clear()
 
 
 def _disk_cache(settings: Settings) -> DiskEmbeddingCache | None:
@@ -293,6 +295,9 @@ def load_model(name: str | Path | None, mmproj: str | Path | None,
             embedding_cache_bytes=settings.cache.embedding_cache_mb * 1024 * 1024,
             prefix_reuse=settings.cache.prefix_reuse,
             disk_cache=_disk_cache(settings),
+            # An explicit runtime.threads is kept as is; the default follows the load.
+            threads=None if rt.threads else ThreadAdvisor(backend.threads, machine_load()),
+            kv_state_bytes=settings.cache.kv_ram_mb * 1024 * 1024,
         )
     except BaseException:
         backend.close()
