@@ -141,10 +141,10 @@ def test_unreadable_bodies_are_400(tight: Running, raw: bytes, what: str) -> Non
     assert what in r.error["message"] and r.error["type"] == "invalid_request_error"
 
 
-# --- validation (422) and request limits ------------------------------------------------------
+# --- validation (400, as OpenAI answers) and request limits ------------------------------------------------------
 
 
-def test_invalid_fields_are_422_naming_the_field(tight: Running, images: dict[str, Path]) -> None:
+def test_invalid_fields_are_400_naming_the_field(tight: Running, images: dict[str, Path]) -> None:
     url = data_url(images["red"])
     cases: list[tuple[dict[str, Any], str]] = [
         ({"model": "default"}, "messages"),
@@ -158,8 +158,15 @@ def test_invalid_fields_are_422_naming_the_field(tight: Running, images: dict[st
     ]
     for body, param in cases:
         r = post(tight, body)
-        assert r.status == 422, (param, r.body)
+        assert r.status == 400, (param, r.body)
         assert r.error["param"] == param and r.error["message"].startswith(param)
+        assert set(r.error) == {"message", "type", "param", "code"}
+    # The OpenAI SDK raises its BadRequestError, carrying the field.
+    client = openai.OpenAI(base_url=f"{tight.url}/v1", api_key=TOKEN, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="default", messages=question(url),  # type: ignore[arg-type]
+                                       max_tokens=2, temperature=5)
+    assert err.value.param == "temperature" and "temperature" in err.value.message
 
 
 def test_image_limits_and_formats(tight: Running) -> None:

@@ -11,7 +11,6 @@ waits for the model to be free.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -24,8 +23,7 @@ from typing import TYPE_CHECKING, Literal
 from edge_vlm.config import Settings
 from edge_vlm.errors import EdgeVLMError, ModelLoadError, ModelNotFoundError
 from edge_vlm.resolve import SHIPPED_MODEL, resolve_model
-from edge_vlm.server.errors import ServiceUnavailableError
-from edge_vlm.server.exchange import ClientGone
+from edge_vlm.server.errors import ClientGone, ServiceUnavailableError
 from edge_vlm.server.names import catalog_name_for_hub_id, lookup_installed
 from edge_vlm.server.turnstile import Turnstile
 
@@ -71,15 +69,17 @@ class ModelSpec:
         return f"{self.model_path.resolve()}|{self.mmproj_path.resolve()}"
 
     def fingerprint(self) -> str:
-        """Identity of the files' content as of now (path, size, modification time)."""
-        h = hashlib.sha256()
+        """Identity of the files' content as of now (:func:`~edge_vlm.loader.file_fingerprint`
+        of both files)."""
+        from edge_vlm.loader import file_fingerprint
+
+        parts = []
         for path in (self.model_path, self.mmproj_path):
             try:
-                st = path.stat()
-                h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+                parts.append(file_fingerprint(path))
             except OSError:
-                h.update(f"{path}:missing;".encode())
-        return h.hexdigest()[:32]
+                parts.append(f"{path}:missing")
+        return "+".join(parts)
 
     def size_bytes(self) -> int:
         """Both files' size."""
@@ -94,11 +94,10 @@ Loader = Callable[[ModelSpec, Settings], "VLM"]
 
 
 def load_vlm(spec: ModelSpec, settings: Settings) -> VLM:
-    """The default loader: llama.cpp through :func:`edge_vlm.loader.load_model`."""
-    from edge_vlm.api import VLM
-    from edge_vlm.loader import load_model
+    """The default loader: :func:`edge_vlm.api.load` with the server's settings."""
+    from edge_vlm.api import load
 
-    return VLM(load_model(spec.load_name, spec.load_mmproj, settings), settings)
+    return load(spec.load_name, spec.load_mmproj, settings=settings)
 
 
 class ModelEntry:
