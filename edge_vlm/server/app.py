@@ -39,8 +39,10 @@ from edge_vlm.server.auth import (
 )
 from edge_vlm.server.cache import ResponseCache
 from edge_vlm.server.errors import (
+    BadRequestError,
     ClientGone,
     ForbiddenError,
+    HeadersTooLargeError,
     HTTPError,
     MethodNotAllowedError,
     RouteNotFoundError,
@@ -52,6 +54,9 @@ from edge_vlm.server.models import Loader, ModelManager
 
 log = logging.getLogger("edge_vlm.server")
 
+#: The most bytes of request headers accepted (h11 caps what it buffers while waiting; a
+#: request arriving whole is checked here).
+MAX_HEADER_BYTES = 32 * 1024
 #: Status recorded for a client that left before its answer (nginx's convention).
 CLIENT_CLOSED = 499
 _EXPOSED = "x-cache, x-request-id, retry-after, x-error-message"
@@ -271,7 +276,16 @@ class ServerApp:
         """Host and Origin checks before anything else; the answer to a CORS preflight."""
         srv = self.settings.server
         try:
-            host = headers.get("host", "")
+            size = sum(len(k) + len(v) for k, v in headers.raw)
+            if size > MAX_HEADER_BYTES:
+                raise HeadersTooLargeError(
+                    f"the request headers are {size} bytes, over the {MAX_HEADER_BYTES}-byte "
+                    "limit", headers={"Connection": "close"})
+            hosts = headers.getlist("host")
+            if len(hosts) > 1:
+                raise BadRequestError("the request has more than one Host header; send one",
+                                      headers={"Connection": "close"})
+            host = hosts[0] if hosts else ""
             if not host:
                 raise ForbiddenError("the request has no Host header; send one (HTTP/1.1)")
             check_host(host, self.bound_host, srv.allowed_host_names)

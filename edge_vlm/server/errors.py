@@ -106,6 +106,14 @@ class PayloadTooLargeError(HTTPError):
     code = "request_too_large"
 
 
+class HeadersTooLargeError(HTTPError):
+    """The request line and headers are over the server's cap."""
+
+    http_status = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
+
+
 class ServiceUnavailableError(HTTPError):
     """Try again later: a model is loading or the queue is full (``Retry-After`` set).
 

@@ -22,13 +22,10 @@ import uvicorn
 from edge_vlm import __version__
 from edge_vlm.config import Settings, load_settings
 from edge_vlm.errors import ConfigError, EdgeVLMError
-from edge_vlm.server.app import ServerApp
+from edge_vlm.server.app import MAX_HEADER_BYTES, ServerApp
 from edge_vlm.server.auth import AuthConfig, resolve_auth
 from edge_vlm.server.models import Loader
 from edge_vlm.server.protocol import HeaderTimeoutH11Protocol
-
-#: h11's cap on the request line plus headers (its default is 16 KiB).
-MAX_HEADER_BYTES = 32 * 1024
 
 
 def uvicorn_config(app: ServerApp) -> uvicorn.Config:
