@@ -61,10 +61,19 @@ class ChatMessage(_Model):
     """One message of a conversation."""
 
     role: Literal["system", "user", "assistant"]
-    """Who wrote it. Images are allowed only in ``user`` messages."""
+    """Who wrote it (``developer``, OpenAI's newer name for ``system``, is read as
+    ``system``). Images are allowed only in ``user`` messages."""
     content: str | list[ContentPart] | None = None
     """A string, or a list of text and image parts in the order they are shown."""
     name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _developer_is_system(cls, data: Any) -> Any:
+        # OpenAI's newer name for the system role (o1 and later; the SDKs send it).
+        if isinstance(data, dict) and data.get("role") == "developer":
+            return {**data, "role": "system"}
+        return data
 
     @field_validator("content", mode="before")
     @classmethod

@@ -13,9 +13,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from edge_vlm.errors import RequestError
 from edge_vlm.schema import ChatCompletionRequest
-from edge_vlm.server.errors import BadRequestError
+from edge_vlm.server.errors import BadRequestError, ValidationFailedError
 from edge_vlm.server.limits import parse_body
 
 #: ``![alt](url)``; the URL may be wrapped in ``<>`` (Markdown's form for URLs with spaces).
@@ -95,11 +94,11 @@ def to_chat_request(body: Any, model: str,
                               "<JSON schema>} is supported", param="parameters.grammar")
     try:
         request = parse_body(data, model)
-    except RequestError as err:
+    except ValidationFailedError as err:
         param = err.param or ""
         renamed = {v: f"parameters.{k}" for k, v in _SAME.items()}
         if param in renamed:
-            raise type(err)(err.message.replace(param, renamed[param], 1),
-                            param=renamed[param]) from None
+            raise ValidationFailedError(err.message.replace(param, renamed[param], 1),
+                                        param=renamed[param]) from None
         raise
     return request, bool(params.get("return_full_text", False))

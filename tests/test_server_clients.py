@@ -1,0 +1,180 @@
+"""What real clients send, answered as they expect: the gaps the first server left."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from tests.server_support import (
+    TOKEN,
+    ImageServer,
+    Running,
+    call,
+    chat_body,
+    data_url,
+    isolated_home,
+    question,
+    server_settings,
+    serving,
+    sse_events,
+    start_server,
+    wait_until,
+)
+
+CHAT = "/v1/chat/completions"
+FRESH = {"x-use-cache": "false"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _empty_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with isolated_home(tmp_path_factory.mktemp("home")) as home:
+        yield home
+
+
+@pytest.fixture(scope="module")
+def image_server(images: dict[str, Path]) -> Iterator[ImageServer]:
+    srv = ImageServer({f"/{name}.png": path.read_bytes()
+                       for name, path in images.items() if path.suffix == ".png"}).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_paths: Any) -> Iterator[Running]:
+    running = start_server(server_settings(tiny_paths, **{
+        "images.allow_remote": True, "images.allowed_hosts": ["127.0.0.1"],
+        "server.cors_origins": ["http://app.example"]}))
+    yield running
+    running.close()
+
+
+def answer(tiny_vlm: Any, messages: list[dict[str, Any]], max_tokens: int = 8) -> str:
+    return str(tiny_vlm.chat(messages, max_tokens=max_tokens).choices[0].message.content)
+
+
+def test_a_developer_message_is_a_system_message(srv: Running, images: dict[str, Path],
+                                                 tiny_vlm: Any) -> None:
+    system = "Answer in one word."
+    want = answer(tiny_vlm, [{"role": "system", "content": system},
+                             *question(data_url(images["red"]))])
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=TOKEN, max_retries=0)
+    reply = client.chat.completions.create(
+        model="default", max_tokens=8, extra_headers=FRESH,
+        messages=[{"role": "developer", "content": system},
+                  *question(data_url(images["red"]))])  # type: ignore[list-item]
+    assert reply.choices[0].message.content == want
+
+
+def test_cors_preflight_of_the_openai_js_sdk_is_allowed(srv: Running) -> None:
+    asked = ("authorization, content-type, x-stainless-os, x-stainless-lang, "
+             "x-stainless-package-version, x-stainless-retry-count, x-stainless-timeout")
+    r = call(srv.port, "OPTIONS", CHAT, headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": asked})
+    assert r.status == 204
+    assert r.headers["access-control-allow-origin"] == "http://app.example"
+    allowed = {h.strip() for h in r.headers["access-control-allow-headers"].split(",")}
+    assert {"x-stainless-os", "x-stainless-retry-count", "authorization"} <= allowed
+    refused = call(srv.port, "OPTIONS", CHAT, headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": asked})
+    assert refused.status == 403 and "access-control-allow-origin" not in refused.headers
+
+
+def test_allow_host_by_address_covers_a_name_resolving_to_it(
+        srv: Running, tiny_paths: Any, images: dict[str, Path],
+        image_server: ImageServer) -> None:
+    url = image_server.url("/red.png", host="localhost")  # --allow-host 127.0.0.1
+    r = call(srv.port, "POST", CHAT, chat_body(url, max_tokens=2),
+             headers={**srv.auth(), **FRESH})
+    assert r.status == 200, r.body
+    settings = server_settings(tiny_paths, **{"images.allow_remote": True,
+                                              "images.allowed_hosts": ["10.1.2.3"]})
+    with serving(settings) as other:
+        r = call(other.port, "POST", CHAT, chat_body(url, max_tokens=2),
+                 headers={**other.auth(), **FRESH})
+    assert r.status == 400
+    assert r.error["code"] == "image_host_not_allowed"  # not "remote_image_disabled": it is on
+    assert "--allow-host localhost" in r.error["message"]
+
+
+def test_stream_chunks_carry_null_finish_reason_and_logprobs(srv: Running,
+                                                             images: dict[str, Path]) -> None:
+    r = call(srv.port, "POST", CHAT, chat_body(data_url(images["red"]), max_tokens=4,
+                                               stream=True), headers={**srv.auth(), **FRESH})
+    events = [e for e in sse_events(r.body) if e != "[DONE]"]
+    assert len(events) >= 3
+    for event in events[:-1]:
+        choice = event["choices"][0]
+        assert "finish_reason" in choice and choice["finish_reason"] is None, choice
+        assert "logprobs" in choice and choice["logprobs"] is None, choice
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_cached_answer_keeps_its_timings(srv: Running, images: dict[str, Path]) -> None:
+    body = chat_body(data_url(images["green"]), max_tokens=5, seed=7)
+    first = call(srv.port, "POST", CHAT, body, headers=srv.auth())
+    again = call(srv.port, "POST", CHAT, body, headers=srv.auth())
+    assert (first.headers["x-cache"], again.headers["x-cache"]) == ("miss", "hit")
+    assert again.json()["timings"] == first.json()["timings"]
+    assert again.json()["usage"] == first.json()["usage"]
+    streamed = call(srv.port, "POST", CHAT, {**body, "stream": True}, headers=srv.auth())
+    assert streamed.headers["x-cache"] == "hit"
+    last = [e for e in sse_events(streamed.body) if e != "[DONE]"][-1]
+    assert last["timings"] == first.json()["timings"]
+
+
+def test_the_hf_text_generation_form_with_requests(srv: Running, images: dict[str, Path],
+                                                   image_server: ImageServer,
+                                                   tiny_vlm: Any) -> None:
+    """The Inference API's raw example: ``requests.post(API_URL, headers, json=payload)``."""
+    name = srv.app.models.default_spec().name
+    api_url = f"{srv.url}/models/{name}"
+    image = image_server.url("/blue.png")
+    payload = {"inputs": f"![]({image})Describe this image in one sentence.",
+               "parameters": {"max_new_tokens": 6}}
+    headers = {"Authorization": f"Bearer {TOKEN}", "x-use-cache": "false",
+               "x-wait-for-model": "true"}
+    r = requests.post(api_url, headers=headers, json=payload, timeout=60)
+    assert r.status_code == 200, r.text
+    want = answer(tiny_vlm, question(data_url(images["blue"])), max_tokens=6)
+    assert r.json() == [{"generated_text": want}]
+    assert r.headers["x-cache"] == "miss"
+    cached = requests.post(api_url, headers={"Authorization": f"Bearer {TOKEN}"},
+                           json=payload, timeout=60)
+    assert cached.headers["x-cache"] == "hit" and cached.json() == r.json()
+    bad = requests.post(api_url, headers=headers, timeout=60,
+                        json={**payload, "parameters": {"max_new_tokens": 0}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "parameters.max_new_tokens"
+
+
+def test_unknown_and_ignored_fields_are_accepted_and_logged_once(
+        srv: Running, images: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    body = {**chat_body(data_url(images["red"]), max_tokens=2), "user": "someone",
+            "some_future_field": {"x": 1}}
+    with caplog.at_level(logging.WARNING, logger="edge_vlm.server"):
+        for _ in range(2):
+            r = call(srv.port, "POST", CHAT, body, headers={**srv.auth(), **FRESH})
+            assert r.status == 200, r.body
+        wait_until(lambda: len(srv.app.records) > 0)
+    messages = [rec.getMessage() for rec in caplog.records]
+    unknown = [m for m in messages if "some_future_field" in m]
+    ignored = [m for m in messages if "'user'" in m]
+    assert len(unknown) == 1 and "unknown" in unknown[0], messages
+    assert len(ignored) == 1 and "not acted on" in ignored[0], messages
+
+
+def test_every_error_has_the_openai_shape_and_a_request_id(srv: Running) -> None:
+    r = call(srv.port, "POST", CHAT, raw=json.dumps({"messages": []}).encode(),
+             headers=srv.auth())
+    assert r.status == 400 and set(r.error) == {"message", "type", "param", "code"}
+    assert r.headers["x-request-id"].startswith("req-")
+    record = srv.wait_record(lambda rec: rec.request_id == r.headers["x-request-id"])
+    assert record.status == 400
