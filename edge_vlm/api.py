@@ -36,10 +36,12 @@ from edge_vlm.schema import (
     ChatCompletionRequest,
     ChatMessage,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     GenerationStats,
     ImagePart,
+    TokenLogprob,
     Usage,
     new_completion_id,
     now,
@@ -198,10 +200,13 @@ class VLM:
     def _collect(self, chunks: Iterator[ChatCompletionChunk]) -> ChatCompletion:
         text: list[str] = []
         last: ChatCompletionChunk | None = None
+        lps: list[TokenLogprob] = []
         for chunk in chunks:
             for choice in chunk.choices:
                 if choice.delta.content:
                     text.append(choice.delta.content)
+                if choice.logprobs is not None and choice.logprobs.content:
+                    lps.extend(choice.logprobs.content)
             if chunk.choices and chunk.choices[0].finish_reason is not None:
                 last = chunk
         assert last is not None and last.timings is not None
@@ -209,7 +214,8 @@ class VLM:
         return ChatCompletion(
             id=last.id, created=last.created, model=last.model,
             choices=[Choice(message=AssistantMessage(content="".join(text)),
-                            finish_reason=last.choices[0].finish_reason)],
+                            finish_reason=last.choices[0].finish_reason,
+                            logprobs=ChoiceLogprobs(content=lps) if lps else None)],
             usage=_usage(stats), timings=stats,
         )
 
@@ -238,8 +244,10 @@ class VLM:
             if first:
                 yield make(Delta(role="assistant", content=""))
                 first = False
-            if ev.text:
-                yield make(Delta(content=ev.text))
+            if ev.text or ev.logprobs:
+                lp = ChoiceLogprobs(content=ev.logprobs) if ev.logprobs is not None else None
+                yield ChatCompletionChunk(id=cid, created=created, model=self.name, choices=[
+                    ChunkChoice(delta=Delta(content=ev.text), logprobs=lp)])
             if ev.finish_reason is not None:
                 yield make(Delta(), ev.finish_reason, timings=ev.stats)
                 if request.stream_options and request.stream_options.include_usage:
@@ -360,6 +368,7 @@ class VLM:
         return GenerationParams(
             max_tokens=request.token_limit or s.max_tokens,
             stop=request.stop_strings,
+            logprobs=request.logprobs_k,
             sampler=SamplerParams(
                 temperature=temperature,
                 top_p=request.top_p if request.top_p is not None else s.top_p,

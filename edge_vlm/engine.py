@@ -31,7 +31,13 @@ from edge_vlm.backend import (
 from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.embcache import EmbeddingCache
 from edge_vlm.errors import ContextOverflowError, GenerationError
-from edge_vlm.schema import FinishReason, GenerationStats, ImageStats
+from edge_vlm.schema import (
+    FinishReason,
+    GenerationStats,
+    ImageStats,
+    TokenLogprob,
+    TopLogprob,
+)
 from edge_vlm.stops import StopFilter
 
 # A KV item: a text token id, or an image's key (identity + position count).
@@ -56,6 +62,8 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)
     max_image_tokens: int = 0
     """Image-token budget for tiling projectors (0: the model's full tiling)."""
+    logprobs: int | None = None
+    """Report each chosen token's log-probability and this many alternatives (None: off)."""
 
 
 @dataclass
@@ -65,6 +73,8 @@ class Event:
     text: str
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """With ``GenerationParams.logprobs``: the tokens behind this event's text."""
 
 
 def peak_rss_mb() -> float:
@@ -305,6 +315,7 @@ class Engine:
         t_first: float | None = None
         reason: FinishReason = "length"
         started = False
+        lps: list[TokenLogprob] | None = None if params.logprobs is None else []
         try:
             for _ in range(params.max_tokens):
                 if cancel is not None and cancel.is_set():
@@ -317,6 +328,8 @@ class Engine:
                 if backend.is_eog(tok):
                     reason = "stop"
                     break
+                if lps is not None and params.logprobs is not None:
+                    lps.append(self._logprob(tok, params.logprobs))
                 stats.completion_tokens += 1
                 piece = backend.token_piece(tok)
                 if not started:
@@ -326,7 +339,8 @@ class Engine:
                     started = bool(piece)
                 out = stop.feed(piece)
                 if out:
-                    yield Event(out)
+                    yield Event(out, logprobs=lps)
+                    lps = None if lps is None else []
                 if stop.stopped:
                     reason = "stop"
                     break
@@ -343,7 +357,26 @@ class Engine:
             raise
         sampler.close()
         tail = stop.flush()
-        yield self._finish(tail, reason, stats, t_start, t_first)
+        last = self._finish(tail, reason, stats, t_start, t_first)
+        last.logprobs = lps or None
+        yield last
+
+    def _logprob(self, tok: int, k: int) -> TokenLogprob:
+        """The chosen token's log-probability and the ``k`` most likely alternatives, from
+        the raw logits (before temperature and other samplers, as OpenAI reports them)."""
+        logits = self.backend.last_logits().astype(np.float64)
+        top = logits.max()
+        logz = top + np.log(np.exp(logits - top).sum())
+
+        def entry(t: int) -> TopLogprob:
+            raw = self.backend.token_piece(t)
+            return TopLogprob(token=raw.decode("utf-8", "replace"),
+                              logprob=float(logits[t] - logz), bytes=list(raw))
+
+        chosen = entry(tok)
+        best = np.argpartition(-logits, k)[:k] if k else np.array([], dtype=np.int64)
+        best = best[np.argsort(-logits[best])]
+        return TokenLogprob(**chosen.model_dump(), top_logprobs=[entry(int(t)) for t in best])
 
     def _finish(
         self,

@@ -22,6 +22,8 @@ from edge_vlm.errors import RequestError
 
 #: The largest ``max_tokens`` accepted before the context check (a sanity bound).
 MAX_TOKENS_LIMIT = 1_000_000
+#: The most alternatives per token ``top_logprobs`` may ask for (OpenAI's bound).
+MAX_TOP_LOGPROBS = 20
 
 Detail = Literal["auto", "low", "high"]
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -173,6 +175,10 @@ class ChatCompletionRequest(_Model):
     response_format: ResponseFormat | None = None
     n: int | None = None
     """Only 1 is supported."""
+    logprobs: bool | None = None
+    """Return the log-probability of each chosen token."""
+    top_logprobs: int | None = None
+    """With ``logprobs``: also the most likely alternatives at each position (0-20)."""
 
     @field_validator("max_tokens", "max_completion_tokens")
     @classmethod
@@ -209,6 +215,24 @@ class ChatCompletionRequest(_Model):
         if v is not None and v != 1:
             raise ValueError(f"only n=1 is supported, got {v}: send {v} requests instead")
         return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_range(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"must be between 0 and {MAX_TOP_LOGPROBS}, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """How many alternatives to report per token, None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("stop")
     @classmethod
@@ -289,6 +313,27 @@ class GenerationStats(_Model):
     encode_ms_saved: float = 0.0
 
 
+class TopLogprob(_Model):
+    """One candidate token at a position, with its log-probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    """The token's UTF-8 bytes (a token may hold part of a character)."""
+
+
+class TokenLogprob(TopLogprob):
+    """The chosen token at a position, and the most likely alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Model):
+    """A choice's ``logprobs``: one entry per generated token."""
+
+    content: list[TokenLogprob] | None = None
+
+
 class AssistantMessage(_Model):
     """The answer."""
 
@@ -302,7 +347,7 @@ class Choice(_Model):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(_Model):
@@ -332,7 +377,7 @@ class ChunkChoice(_Model):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Model):

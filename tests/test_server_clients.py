@@ -178,3 +178,50 @@ def test_every_error_has_the_openai_shape_and_a_request_id(srv: Running) -> None
     assert r.headers["x-request-id"].startswith("req-")
     record = srv.wait_record(lambda rec: rec.request_id == r.headers["x-request-id"])
     assert record.status == 400
+
+
+def check_logprobs(content: list[Any], text: str, k: int) -> None:
+    assert "".join(t["token"] for t in content).strip() == text.strip()
+    for t in content:
+        assert t["logprob"] <= 0 and len(t["top_logprobs"]) == k
+        best = t["top_logprobs"][0]
+        # Greedy decoding picks the most likely token: it heads the alternatives.
+        assert best["token"] == t["token"] and best["logprob"] == pytest.approx(t["logprob"])
+        assert [a["logprob"] for a in t["top_logprobs"]] == sorted(
+            (a["logprob"] for a in t["top_logprobs"]), reverse=True)
+        assert sum(2.718281828 ** a["logprob"] for a in t["top_logprobs"]) <= 1.0 + 1e-6
+
+
+def same_logprobs(a: list[Any], b: list[Any]) -> None:
+    """Same tokens and alternatives; log-probabilities equal up to float noise (a prompt
+    reused from the KV cache is evaluated in other batches)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x["token"] == y["token"] and x["logprob"] == pytest.approx(y["logprob"], abs=0.01)
+        assert [t["token"] for t in x["top_logprobs"]] == [t["token"] for t in y["top_logprobs"]]
+
+
+def test_logprobs_and_top_logprobs_streamed_and_whole(srv: Running, images: dict[str, Path],
+                                                      tiny_vlm: Any) -> None:
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=TOKEN, max_retries=0)
+    messages: Any = question(data_url(images["blue"]))
+    reply = client.chat.completions.create(model="default", messages=messages, max_tokens=6,
+                                           logprobs=True, top_logprobs=3)
+    text = reply.choices[0].message.content or ""
+    assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content
+    content = [t.model_dump() for t in reply.choices[0].logprobs.content]
+    assert len(content) == 6
+    check_logprobs(content, text, 3)
+    streamed: list[Any] = []
+    for chunk in client.chat.completions.create(model="default", messages=messages,
+                                                max_tokens=6, logprobs=True, top_logprobs=3,
+                                                stream=True):
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+            streamed.extend(t.model_dump() for t in chunk.choices[0].logprobs.content)
+    same_logprobs(streamed, content)
+    # The Python API returns the same.
+    api = tiny_vlm.chat(messages, max_tokens=6, logprobs=True, top_logprobs=3)
+    same_logprobs([t.model_dump() for t in api.choices[0].logprobs.content], content)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="default", messages=messages, max_tokens=2,
+                                       top_logprobs=3)

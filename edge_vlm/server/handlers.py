@@ -127,7 +127,9 @@ async def _prepare(app: ServerApp, request: Request, ctx: RequestContext,
         if cancel.is_set():
             raise watch.stopped_error(srv.request_timeout_s)  # left during the image fetch
         key = None
-        if app.cache.enabled and is_deterministic(req, app.settings.sampling):
+        # Answers with logprobs are not kept: the cache keeps text and timings only.
+        if app.cache.enabled and is_deterministic(req, app.settings.sampling) \
+                and not req.logprobs:
             fingerprint = await loop.run_in_executor(None, spec.fingerprint)
             key = cache_key(req, prepared.identities, fingerprint)
         use_cache = header_flag(request, "x-use-cache", True)
