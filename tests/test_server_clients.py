@@ -225,3 +225,48 @@ def test_logprobs_and_top_logprobs_streamed_and_whole(srv: Running, images: dict
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model="default", messages=messages, max_tokens=2,
                                        top_logprobs=3)
+
+
+def test_responses_api_with_the_openai_sdk(srv: Running, images: dict[str, Path],
+                                           tiny_vlm: Any) -> None:
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=TOKEN, max_retries=0)
+    system = "Answer in one word."
+    want = answer(tiny_vlm, [{"role": "system", "content": system},
+                             *question(data_url(images["red"]))], max_tokens=6)
+    conversation: Any = [{"role": "user", "content": [
+        {"type": "input_image", "image_url": data_url(images["red"])},
+        {"type": "input_text", "text": "Describe this image in one sentence."}]}]
+    resp = client.responses.create(model="default", instructions=system, input=conversation,
+                                   max_output_tokens=6)
+    assert resp.output_text == want
+    assert resp.status == "incomplete" and resp.incomplete_details is not None
+    assert resp.usage is not None and resp.usage.output_tokens == 6
+    kinds: list[str] = []
+    deltas: list[str] = []
+    final: Any = None
+    # The tiny model never stops by itself: the stream ends with response.incomplete
+    # (max_output_tokens), as OpenAI's does; the SDK's get_final_response() wants a
+    # response.completed, so the last event's response is read instead.
+    with client.responses.stream(model="default", instructions=system, input=conversation,
+                                 max_output_tokens=6) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+            if event.type == "response.incomplete":
+                final = event.response
+    assert "".join(deltas) == want and final.output_text == want
+    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete"
+    assert "response.output_text.done" in kinds
+    raw = client.responses.create(model="default", input="Say something.",
+                                  max_output_tokens=3, stream=True)
+    assert [e.type for e in raw][-1] == "response.incomplete"
+    # A JSON schema through text.format.
+    schema = {"type": "object", "required": ["shape"],
+              "properties": {"shape": {"type": "string", "enum": ["circle", "square"]}}}
+    shaped = client.responses.create(
+        model="default", input=conversation, max_output_tokens=24,
+        text={"format": {"type": "json_schema", "name": "scene", "schema": schema}})
+    assert json.loads(shaped.output_text)["shape"] in {"circle", "square"}
+    with pytest.raises(openai.BadRequestError, match="stateless"):
+        client.responses.create(model="default", input="hi", previous_response_id="resp_1")
