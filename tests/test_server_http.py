@@ -57,7 +57,8 @@ POST = "POST /v1/chat/completions HTTP/1.1\nHost: 127.0.0.1:PORT\n" + AUTH
 
 
 @pytest.mark.parametrize("what,head,body", [
-    ("a chunk size that is not hex", POST + "Transfer-Encoding: chunked\n\n", b"zz\r\n{}\r\n0\r\n\r\n"),
+    ("a chunk size that is not hex", POST + "Transfer-Encoding: chunked\n\n",
+     b"zz\r\n{}\r\n0\r\n\r\n"),
     ("a negative chunk size", POST + "Transfer-Encoding: chunked\n\n", b"-5\r\n{}\r\n0\r\n\r\n"),
     ("a chunk longer than its size line", POST + "Transfer-Encoding: chunked\n\n",
      b"2\r\n{}}}}\r\n0\r\n\r\n"),

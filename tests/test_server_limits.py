@@ -141,7 +141,7 @@ def test_unreadable_bodies_are_400(tight: Running, raw: bytes, what: str) -> Non
     assert what in r.error["message"] and r.error["type"] == "invalid_request_error"
 
 
-# --- validation (400, as OpenAI answers) and request limits ------------------------------------------------------
+# --- validation (400, as OpenAI answers) and request limits --------------------------------
 
 
 def test_invalid_fields_are_400_naming_the_field(tight: Running, images: dict[str, Path]) -> None:

@@ -221,7 +221,9 @@ class Job:
                         for chunk in chunks:
                             self._put("chunk", chunk)
                     finally:
-                        chunks.close()  # releases the engine if the loop stopped early
+                        close = getattr(chunks, "close", None)
+                        if close is not None:
+                            close()  # releases the engine if the loop stopped early
                 else:
                     self._put("reply", vlm.chat(self._request, cancel=self.cancel,
                                                 policy=self._policy))
@@ -314,6 +316,8 @@ async def stream_chunks(job: Job, head: list[ChatCompletionChunk], watch: Watch,
     pending = list(head)
     try:
         while True:
+            kind: str
+            value: Any
             if pending:
                 kind, value = "chunk", pending.pop(0)
             else:
