@@ -12,6 +12,7 @@ with edge_vlm.load("default") as vlm:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -42,11 +43,14 @@ from edge_vlm.schema import (
     GenerationStats,
     ImagePart,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     Usage,
     new_completion_id,
     now,
     parse_request,
 )
+from edge_vlm.tools import ToolSetup, split_tool_calls, tool_setup
 
 
 def load(
@@ -201,19 +205,23 @@ class VLM:
         text: list[str] = []
         last: ChatCompletionChunk | None = None
         lps: list[TokenLogprob] = []
+        calls: list[ToolCall] = []
         for chunk in chunks:
             for choice in chunk.choices:
                 if choice.delta.content:
                     text.append(choice.delta.content)
                 if choice.logprobs is not None and choice.logprobs.content:
                     lps.extend(choice.logprobs.content)
+                calls.extend(ToolCall(**c.model_dump(exclude={"index"}))
+                             for c in choice.delta.tool_calls or [])
             if chunk.choices and chunk.choices[0].finish_reason is not None:
                 last = chunk
         assert last is not None and last.timings is not None
         stats = last.timings
         return ChatCompletion(
             id=last.id, created=last.created, model=last.model,
-            choices=[Choice(message=AssistantMessage(content="".join(text)),
+            choices=[Choice(message=AssistantMessage(content="".join(text) if text or not calls
+                                                     else None, tool_calls=calls or None),
                             finish_reason=last.choices[0].finish_reason,
                             logprobs=ChoiceLogprobs(content=lps) if lps else None)],
             usage=_usage(stats), timings=stats,
@@ -225,11 +233,19 @@ class VLM:
     ) -> Iterator[ChatCompletionChunk]:
         t_start = time.perf_counter()
         images = self.load_images(request.messages, policy)
-        text = self.render(request.messages)
+        tools = tool_setup(request, self._template.source, self.name)
+        text = self.render(request.messages, tools=tools.tools if tools else None)
         params = self._params(request)
+        if tools is not None and tools.schema is not None:  # a call is required
+            from edge_vlm.backend import json_schema_grammar
+
+            params.sampler = dataclasses.replace(
+                params.sampler, grammar=json_schema_grammar(tools.schema))
         params.max_image_tokens = self.image_budget([im.detail for im in images])
         cid, created = new_completion_id(), now()
         events = self.engine.generate(text, images, params, cancel=cancel, t_start=t_start)
+        if tools is not None:
+            events = _tool_events(events, tools)
         return self._chunks(request, events, cid, created)
 
     def _chunks(self, request: ChatCompletionRequest, events: Any, cid: str,
@@ -248,6 +264,9 @@ class VLM:
                 lp = ChoiceLogprobs(content=ev.logprobs) if ev.logprobs is not None else None
                 yield ChatCompletionChunk(id=cid, created=created, model=self.name, choices=[
                     ChunkChoice(delta=Delta(content=ev.text), logprobs=lp)])
+            if getattr(ev, "tool_calls", None):
+                yield make(Delta(tool_calls=[ToolCallDelta(index=i, **c.model_dump())
+                                             for i, c in enumerate(ev.tool_calls)]))
             if ev.finish_reason is not None:
                 yield make(Delta(), ev.finish_reason, timings=ev.stats)
                 if request.stream_options and request.stream_options.include_usage:
@@ -348,9 +367,10 @@ class VLM:
             out.append(PromptImage(rgb=rgb, detail=detail, decode_ms=ms))
         return out
 
-    def render(self, messages: list[ChatMessage]) -> str:
-        """The prompt text, one media marker per image."""
-        return self._template.render(messages, self.engine.backend.marker)
+    def render(self, messages: list[ChatMessage],
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text, one media marker per image (and the tools, if any)."""
+        return self._template.render(messages, self.engine.backend.marker, tools=tools)
 
     def _params(self, request: ChatCompletionRequest) -> GenerationParams:
         s = self.settings.sampling
@@ -416,3 +436,19 @@ class VLM:
 def _usage(stats: GenerationStats) -> Usage:
     return Usage(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
                  total_tokens=stats.prompt_tokens + stats.completion_tokens)
+
+
+def _tool_events(events: Iterator[Any], tools: ToolSetup) -> Iterator[Any]:
+    """Hold a tool-using answer's text to its end, then split it into text and calls
+    (:func:`edge_vlm.tools.split_tool_calls`); a call makes the finish ``tool_calls``."""
+    held: list[str] = []
+    for ev in events:
+        if ev.finish_reason is None:
+            held.append(ev.text)
+            continue
+        content, calls = split_tool_calls("".join(held) + ev.text, tools)
+        ev.text = content or ""
+        ev.tool_calls = calls
+        if calls and ev.finish_reason in ("stop", "length"):
+            ev.finish_reason = "tool_calls"
+        yield ev

@@ -26,7 +26,7 @@ MAX_TOKENS_LIMIT = 1_000_000
 MAX_TOP_LOGPROBS = 20
 
 Detail = Literal["auto", "low", "high"]
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 class _Model(BaseModel):
@@ -59,15 +59,64 @@ class ImagePart(_Model):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(_Model):
+    """The function a tool call invokes: its name and JSON-encoded arguments."""
+
+    name: str
+    arguments: str = "{}"
+    """The arguments as a JSON string (as OpenAI sends and expects them)."""
+
+
+class ToolCall(_Model):
+    """One tool call of an assistant message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Model):
+    """A function the model may call."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    """A JSON schema of the arguments."""
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    """A tool offered to the model (only functions exist)."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoice(_Model):
+    """``tool_choice`` naming the function the model must call."""
+
+    type: Literal["function"] = "function"
+    function: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        """The function's name."""
+        return self.function.get("name", "")
+
+
 class ChatMessage(_Model):
     """One message of a conversation."""
 
-    role: Literal["system", "user", "assistant"]
-    """Who wrote it (``developer``, OpenAI's newer name for ``system``, is read as
+    role: Literal["system", "user", "assistant", "tool"]
+    """Who wrote it (``tool``: a tool's result; ``developer``, OpenAI's newer name for ``system``, is read as
     ``system``). Images are allowed only in ``user`` messages."""
     content: str | list[ContentPart] | None = None
     """A string, or a list of text and image parts in the order they are shown."""
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant message's tool calls (sent back with the conversation)."""
+    tool_call_id: str | None = None
+    """A tool message: the id of the call it answers."""
 
     @model_validator(mode="before")
     @classmethod
@@ -175,6 +224,12 @@ class ChatCompletionRequest(_Model):
     response_format: ResponseFormat | None = None
     n: int | None = None
     """Only 1 is supported."""
+    tools: list[Tool] | None = None
+    """Functions the model may call (rendered through the model's chat template)."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """``auto`` (default with tools), ``none``, ``required`` or a named function."""
+    parallel_tool_calls: bool | None = None
+    """Whether several calls may come in one answer (default true)."""
     logprobs: bool | None = None
     """Return the log-probability of each chosen token."""
     top_logprobs: int | None = None
@@ -339,6 +394,7 @@ class AssistantMessage(_Model):
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(_Model):
@@ -364,11 +420,18 @@ class ChatCompletion(_Model):
     """edge-vlm's stats (ignored by OpenAI/HF clients)."""
 
 
+class ToolCallDelta(ToolCall):
+    """A tool call in a stream chunk (sent whole, with its index)."""
+
+    index: int = 0
+
+
 class Delta(_Model):
     """The increment of a streamed choice."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(_Model):

@@ -134,7 +134,8 @@ class ChatTemplate:
             return False
         return "PROBE\u2063" in out and "'type'" not in out
 
-    def _render_raw(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def _render_raw(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         self._env.deadline = time.monotonic() + MAX_RENDER_SECONDS
         pieces: list[str] = []
         size = 0
@@ -145,7 +146,7 @@ class ChatTemplate:
             eos_token=self.eos_token,
             raise_exception=_raise_exception,
             strftime_now=_strftime_now,
-            tools=None,
+            tools=tools,
         )
         for piece in gen:
             size += len(piece)
@@ -161,16 +162,25 @@ class ChatTemplate:
         marker: str,
         *,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Render a conversation, each image part becoming ``marker`` where it appears.
+
+        ``tools`` (OpenAI's tool list) goes to the template's ``tools`` variable, and
+        messages keep their ``tool_calls`` and ``tool_call_id`` (see :mod:`edge_vlm.tools`).
 
         Raises:
             RequestError: the template refused the conversation (``raise_exception``).
             ModelLoadError: the template broke a sandbox bound or failed.
         """
         payload = [self._message_payload(m, marker) for m in messages]
+        if tools is not None or any(m.tool_calls or m.tool_call_id for m in messages):
+            from edge_vlm.tools import template_tool_fields
+
+            for item, m in zip(payload, messages, strict=True):
+                item.update(template_tool_fields(m))
         try:
-            return self._render_raw(payload, add_generation_prompt)
+            return self._render_raw(payload, add_generation_prompt, tools)
         except RequestError:
             raise
         except _TemplateLimitError as err:

@@ -73,6 +73,7 @@ def make_tiny_vlm(
     projection_width: int | None = None,
     dtype: WeightDType = "F16",
     prefix: str = "tiny",
+    chat_template: str | None = None,
 ) -> TinyVLMPaths:
     """Write a seeded random ``llama`` model and a matching ``mlp`` mmproj.
 
@@ -96,6 +97,7 @@ def make_tiny_vlm(
             *mismatched* mmproj that llama.cpp refuses to pair with the model.
         dtype: ``"F16"`` or ``"F32"`` for the matrices.
         prefix: File name prefix.
+        chat_template: ``tokenizer.chat_template`` (default: the builders' generic one).
 
     Returns:
         The two paths.
@@ -111,6 +113,7 @@ def make_tiny_vlm(
         n_ff=n_ff,
         n_ctx=n_ctx,
         name=f"{prefix}-vlm",
+        **({"chat_template": chat_template} if chat_template else {}),
     )
     weights = _text_weights(rng, spec, vocab)
     model = write_llama_model(out / f"{prefix}-model.gguf", spec, vocab, weights, dtype)
