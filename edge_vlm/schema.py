@@ -108,8 +108,8 @@ class ChatMessage(_Model):
     """One message of a conversation."""
 
     role: Literal["system", "user", "assistant", "tool"]
-    """Who wrote it (``tool``: a tool's result; ``developer``, OpenAI's newer name for ``system``, is read as
-    ``system``). Images are allowed only in ``user`` messages."""
+    """Who wrote it (``tool``: a tool's result; ``developer``, OpenAI's newer name for
+    ``system``, is read as ``system``). Images are allowed only in ``user`` messages."""
     content: str | list[ContentPart] | None = None
     """A string, or a list of text and image parts in the order they are shown."""
     name: str | None = None

@@ -9,6 +9,7 @@ that generation never stops by itself, so tests bound it with ``max_tokens``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,8 +114,9 @@ def make_tiny_vlm(
         n_ff=n_ff,
         n_ctx=n_ctx,
         name=f"{prefix}-vlm",
-        **({"chat_template": chat_template} if chat_template else {}),
     )
+    if chat_template:
+        spec = dataclasses.replace(spec, chat_template=chat_template)
     weights = _text_weights(rng, spec, vocab)
     model = write_llama_model(out / f"{prefix}-model.gguf", spec, vocab, weights, dtype)
 
