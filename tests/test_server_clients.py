@@ -270,3 +270,18 @@ def test_responses_api_with_the_openai_sdk(srv: Running, images: dict[str, Path]
     assert json.loads(shaped.output_text)["shape"] in {"circle", "square"}
     with pytest.raises(openai.BadRequestError, match="stateless"):
         client.responses.create(model="default", input="hi", previous_response_id="resp_1")
+
+
+def test_a_runtime_fault_is_a_500_with_a_logged_request_id(
+        tiny_paths: Any, images: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    def broken_loader(spec: Any, settings: Any) -> Any:
+        raise RuntimeError("the GPU caught fire")
+
+    with caplog.at_level(logging.ERROR, logger="edge_vlm.server"), \
+            serving(server_settings(tiny_paths), loader=broken_loader, ready=False) as running:
+        r = call(running.port, "POST", CHAT, chat_body(data_url(images["red"]), max_tokens=2),
+                 headers={**running.auth(), "x-wait-for-model": "true"})
+    assert r.status == 500
+    rid = r.headers["x-request-id"]
+    assert rid in r.error["message"] and "failed to load" in r.error["message"]
+    assert any(rid in rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR)

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from edge_vlm.config import Settings
-from edge_vlm.errors import EdgeVLMError
+from edge_vlm.errors import EdgeVLMError, ModelNotFoundError, RequestError
 from edge_vlm.server import handlers
 from edge_vlm.server.answer import Outcome
 from edge_vlm.server.auth import (
@@ -118,23 +118,41 @@ def context(request: Request) -> RequestContext:
     return ctx
 
 
+def status_of(err: EdgeVLMError) -> int:
+    """The HTTP status of an error: the client's faults are 4xx (bad request 400, too large
+    413, unsupported image 415, model missing 404), the server's own errors say theirs
+    (401, 403, 503 ...), and anything else of the runtime's is a 500."""
+    if isinstance(err, HTTPError | RequestError | ModelNotFoundError):
+        return err.http_status
+    return 500
+
+
 def error_response(err: EdgeVLMError, ctx: RequestContext | None = None) -> Response:
-    """An error in the OpenAI shape, with the status the error names."""
+    """An error in the OpenAI shape, with the status the error names.
+
+    A 500 is the runtime's own fault: it is logged with the request id, which the
+    message names (and the ``x-request-id`` header carries).
+    """
     headers = dict(err.headers) if isinstance(err, HTTPError) else {}
+    status = status_of(err)
+    body = error_body(err)
+    if status == 500 and ctx is not None:
+        log.error("internal error in %s %s (request id %s): %s", ctx.method, ctx.path,
+                  ctx.request_id, err.message, exc_info=err)
+        body["error"]["message"] = f"{err.message} (request id {ctx.request_id})"
     # Hugging Face clients show this header's text as the error message.
-    headers["X-Error-Message"] = header_safe(err.message)
+    headers["X-Error-Message"] = header_safe(body["error"]["message"])
     if ctx is not None:
         ctx.error = err.message
-    return JSONResponse(error_body(err), status_code=err.http_status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def internal_error(exc: BaseException, ctx: RequestContext) -> Response:
-    """A fault of the server itself: logged with the request id, 500 naming the id."""
-    log.error("internal error in %s %s (request id %s)", ctx.method, ctx.path,
-              ctx.request_id, exc_info=exc)
-    return error_response(EdgeVLMError(
-        f"internal error ({type(exc).__name__}) while answering; the server's log has the "
-        f"details under request id {ctx.request_id}"), ctx)
+    """A bug: logged with its traceback and the request id, 500 naming the id."""
+    err = EdgeVLMError(f"internal error ({type(exc).__name__}) while answering; the "
+                       "server's log has the details")
+    err.__cause__ = exc
+    return error_response(err, ctx)
 
 
 Endpoint = Callable[..., Awaitable[Response]]
