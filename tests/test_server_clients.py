@@ -285,3 +285,63 @@ def test_a_runtime_fault_is_a_500_with_a_logged_request_id(
     rid = r.headers["x-request-id"]
     assert rid in r.error["message"] and "failed to load" in r.error["message"]
     assert any(rid in rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR)
+
+
+def test_hf_hub_offline_mode_blocks_loopback_and_the_documented_switch(
+        srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the README says about ``HF_HUB_OFFLINE=1`` holds for the installed client."""
+    from huggingface_hub import InferenceClient, constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    client = InferenceClient(base_url=srv.url, api_key=TOKEN)
+    messages = [{"role": "user", "content": "hi"}]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 sets it
+    with pytest.raises(OfflineModeIsEnabled):
+        client.chat_completion(messages=messages, max_tokens=2)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the README's switch
+    assert client.chat_completion(messages=messages, max_tokens=2).choices[0].message.content
+
+
+def test_create_app_mounted_in_your_own_starlette_app(tiny_paths: Any, images: dict[str, Path],
+                                                      tiny_vlm: Any) -> None:
+    import asyncio
+    import socket
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from edge_vlm.server import create_app
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("my app")
+
+    edge = create_app(server_settings(tiny_paths))  # loopback, no token: auth off
+    parent = Starlette(routes=[Route("/", home), Mount("/vlm", edge)])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn.Config(parent, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
+                              daemon=True)
+    thread.start()
+    port = sock.getsockname()[1]
+    try:
+        wait_until(lambda: server.started)
+        wait_until(lambda: [m.state for m in edge.models.status()] == ["ready"])
+        assert call(port, "GET", "/").body == b"my app"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/vlm/v1", api_key="x",
+                               max_retries=0)
+        reply = client.chat.completions.create(
+            model="default", messages=question(data_url(images["red"])),  # type: ignore[arg-type]
+            max_tokens=8, extra_headers=FRESH)
+        assert reply.choices[0].message.content == answer(tiny_vlm,
+                                                          question(data_url(images["red"])))
+        assert call(port, "GET", "/vlm/health").json()["status"] == "ok"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        edge.close()
+        sock.close()
