@@ -28,7 +28,7 @@ from edge_vlm.backend import RGBImage, SamplerParams
 from edge_vlm.config import Settings, load_settings
 from edge_vlm.engine import Engine, GenerationParams, PromptImage
 from edge_vlm.errors import RequestError
-from edge_vlm.images import ImagePolicy, load_image
+from edge_vlm.images import ImagePolicy, decode_image, load_image
 from edge_vlm.loader import LoadedModel, load_model
 from edge_vlm.schema import (
     AssistantMessage,
@@ -227,12 +227,34 @@ class VLM:
             usage=_usage(stats), timings=stats,
         )
 
+    def answer_read(
+        self,
+        request: ChatCompletionRequest,
+        image_data: Sequence[bytes],
+        *,
+        cancel: threading.Event | None = None,
+        policy: ImagePolicy | None = None,
+    ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+        """Answer a request already validated, whose images were already read.
+
+        The server's path: it validated the request and read every image (under its own
+        policy) once; nothing is validated, fetched or base64-decoded a second time.
+
+        Args:
+            request: The validated request (``request.stream`` decides the return type).
+            image_data: Each image part's encoded bytes, in the order of the parts.
+            cancel: Set it from another thread to stop within one token.
+            policy: The pixel limit for decoding (default: from the settings).
+        """
+        chunks = self._stream(request, cancel, policy, image_data)
+        return chunks if request.stream else self._collect(chunks)
+
     def _stream(
         self, request: ChatCompletionRequest, cancel: threading.Event | None,
-        policy: ImagePolicy | None = None,
+        policy: ImagePolicy | None = None, image_data: Sequence[bytes] | None = None,
     ) -> Iterator[ChatCompletionChunk]:
         t_start = time.perf_counter()
-        images = self.load_images(request.messages, policy)
+        images = self.load_images(request.messages, policy, image_data)
         tools = tool_setup(request, self._template.source, self.name)
         text = self.render(request.messages, tools=tools.tools if tools else None)
         params = self._params(request)
@@ -343,9 +365,11 @@ class VLM:
         return side
 
     def load_images(
-        self, messages: list[ChatMessage], policy: ImagePolicy | None = None
+        self, messages: list[ChatMessage], policy: ImagePolicy | None = None,
+        image_data: Sequence[bytes] | None = None,
     ) -> list[PromptImage]:
-        """Read, decode and downscale every image of a conversation, in order."""
+        """Read, decode and downscale every image of a conversation, in order (from
+        ``image_data``, the images' bytes already read, when given)."""
         policy = policy or self.image_policy()
         parts = [(f"messages[{i}].content[{j}].image_url.url", part.image_url.url,
                   part.image_url.detail or self.settings.images.detail)
@@ -353,8 +377,13 @@ class VLM:
                  for j, part in enumerate(msg.content) if isinstance(part, ImagePart)]
         square = self.info.one_tile_side(self.image_budget([d for _, _, d in parts]))
         out: list[PromptImage] = []
-        for field, url, detail in parts:
-            img = load_image(url, policy, max_side=self.max_side(detail), field=field)
+        if image_data is not None and len(image_data) != len(parts):
+            raise RequestError(f"{len(image_data)} images read for {len(parts)} image parts")
+        for k, (field, url, detail) in enumerate(parts):
+            img = (load_image(url, policy, max_side=self.max_side(detail), field=field)
+                   if image_data is None else
+                   decode_image(image_data[k], max_pixels=policy.max_pixels,
+                                max_side=self.max_side(detail), field=field))
             t0 = time.perf_counter()
             pixels, identity = img.image, f"{img.identity}:{detail}"
             if square and pixels.size != (square, square):

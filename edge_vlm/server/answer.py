@@ -182,7 +182,8 @@ class Job:
     Args:
         models: The server's models.
         spec: The model.
-        request: The validated request, images inline.
+        request: The validated request.
+        image_data: Its images' bytes, read once (:func:`~edge_vlm.server.media.read_images`).
         policy: The server's image policy.
         cancel: The request's cancel flag.
         wait: Wait for a loading model instead of a 503.
@@ -190,11 +191,12 @@ class Job:
     """
 
     def __init__(self, models: ModelManager, spec: ModelSpec, request: ChatCompletionRequest,
-                 policy: ImagePolicy, cancel: threading.Event, *, wait: bool,
-                 deadline: float) -> None:
+                 image_data: list[bytes], policy: ImagePolicy, cancel: threading.Event, *,
+                 wait: bool, deadline: float) -> None:
         self._models = models
         self._spec = spec
         self._request = request
+        self._image_data = image_data
         self._policy = policy
         self.cancel = cancel
         self._wait = wait
@@ -214,9 +216,12 @@ class Job:
             with self._models.lease(self._spec, wait=self._wait, deadline=self._deadline,
                                     cancel=self.cancel) as lease, \
                     lease.turn(self._deadline, self.cancel) as vlm:
-                if self._request.stream:
-                    chunks = vlm.chat(self._request, stream=True, cancel=self.cancel,
-                                      policy=self._policy)
+                answer = vlm.answer_read(self._request, self._image_data, cancel=self.cancel,
+                                         policy=self._policy)
+                if isinstance(answer, ChatCompletion):
+                    self._put("reply", answer)
+                else:
+                    chunks = answer
                     try:
                         for chunk in chunks:
                             self._put("chunk", chunk)
@@ -224,9 +229,6 @@ class Job:
                         close = getattr(chunks, "close", None)
                         if close is not None:
                             close()  # releases the engine if the loop stopped early
-                else:
-                    self._put("reply", vlm.chat(self._request, cancel=self.cancel,
-                                                policy=self._policy))
         except BaseException as exc:  # every failure travels back to the request
             self._put("error", exc)
         finally:

@@ -40,7 +40,7 @@ from edge_vlm.server.body import header_flag, read_json
 from edge_vlm.server.cache import CachedAnswer, cache_key, is_deterministic
 from edge_vlm.server.errors import ClientGone
 from edge_vlm.server.limits import check_limits, note_fields, parse_body
-from edge_vlm.server.media import prepare_images
+from edge_vlm.server.media import read_images
 from edge_vlm.server.models import ModelSpec
 from edge_vlm.server.names import installed_models
 
@@ -99,10 +99,11 @@ async def text_generation(app: ServerApp, request: Request, ctx: RequestContext,
 class _Prepared:
     """A request ready for its model: checked, images read, cache looked up."""
 
-    def __init__(self, req: ChatCompletionRequest, spec: ModelSpec, cancel: Any,
-                 watch: Watch, deadline: float, key: str | None,
+    def __init__(self, req: ChatCompletionRequest, image_data: list[bytes], spec: ModelSpec,
+                 cancel: Any, watch: Watch, deadline: float, key: str | None,
                  cached: CachedAnswer | None) -> None:
-        self.req, self.spec, self.cancel, self.watch = req, spec, cancel, watch
+        self.req, self.image_data, self.spec = req, image_data, spec
+        self.cancel, self.watch = cancel, watch
         self.deadline, self.key, self.cached = deadline, key, cached
 
 
@@ -122,8 +123,8 @@ async def _prepare(app: ServerApp, request: Request, ctx: RequestContext,
     watch = Watch(request, cancel, deadline).start()
     try:
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(
-            None, functools.partial(prepare_images, req, app.image_policy))
+        read = await loop.run_in_executor(
+            None, functools.partial(read_images, req, app.image_policy))
         if cancel.is_set():
             raise watch.stopped_error(srv.request_timeout_s)  # left during the image fetch
         key = None
@@ -131,18 +132,18 @@ async def _prepare(app: ServerApp, request: Request, ctx: RequestContext,
         if app.cache.enabled and is_deterministic(req, app.settings.sampling) \
                 and not req.logprobs:
             fingerprint = await loop.run_in_executor(None, spec.fingerprint)
-            key = cache_key(req, prepared.identities, fingerprint)
+            key = cache_key(req, read.identities, fingerprint)
         use_cache = header_flag(request, "x-use-cache", True)
         cached = app.cache.get(key) if key is not None and use_cache else None
         ctx.outcome.cache = "miss" if cached is None else "hit"
-        return _Prepared(prepared.request, spec, cancel, watch, deadline, key, cached)
+        return _Prepared(req, read.data, spec, cancel, watch, deadline, key, cached)
     except BaseException:
         watch.stop()
         raise
 
 
 def _job(app: ServerApp, request: Request, p: _Prepared) -> Job:
-    job = Job(app.models, p.spec, p.req, app.image_policy, p.cancel,
+    job = Job(app.models, p.spec, p.req, p.image_data, app.image_policy, p.cancel,
               wait=header_flag(request, "x-wait-for-model", False), deadline=p.deadline)
     job.start(app.executor)
     return job
