@@ -145,3 +145,22 @@ def test_many_slow_clients_do_not_stop_a_legitimate_request(
                 sock.close()
         running.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_client_leaving_a_whole_answer_frees_the_model(srv: Running,
+                                                         images: dict[str, Path]) -> None:
+    """Not streamed: nothing is written until the end, and still the disconnect is seen
+    (ASGI's http.disconnect) and the generation stops within a token."""
+    body = json.dumps(chat_body(data_url(images["green"]), max_tokens=900)).encode()
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+    sock.sendall(("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"Authorization: Bearer {TOKEN}\r\nx-use-cache: false\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                  ).encode() + body)
+    time.sleep(0.3)
+    sock.close()
+    record = srv.wait_record(lambda r: r.status == 499 and r.path == "/v1/chat/completions")
+    assert record.outcome.finish_reason == "cancelled"
+    assert record.outcome.completion_tokens is not None
+    assert record.outcome.completion_tokens < 900
+    still_answers(srv, images)
