@@ -345,3 +345,15 @@ def test_create_app_mounted_in_your_own_starlette_app(tiny_paths: Any, images: d
         thread.join(timeout=10)
         edge.close()
         sock.close()
+
+
+def test_responses_refuses_tools_and_bad_parts_naming_the_field(srv: Running) -> None:
+    for body, param in (
+            ({"input": "hi", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+            ({"input": [{"role": "user", "content": [{"type": "input_file",
+                                                      "file_id": "f1"}]}]},
+             "input[0].content[0]"),
+            ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+            ({}, "input")):
+        r = call(srv.port, "POST", "/v1/responses", body, headers=srv.auth())
+        assert r.status == 400 and r.error["param"] == param, (param, r.body)

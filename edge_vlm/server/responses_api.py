@@ -39,6 +39,11 @@ def to_chat_request(body: Any) -> ChatCompletionRequest:
     """
     if not isinstance(body, dict):
         raise BadRequestError("the request body must be a JSON object")
+    for name in ("tools", "tool_choice"):
+        if body.get(name):
+            raise BadRequestError(
+                f"{name}: tools are not supported on /v1/responses here; use "
+                "/v1/chat/completions, which supports them", param=name)
     if body.get("previous_response_id"):
         raise BadRequestError(
             "previous_response_id: this server stores no responses (it is stateless); send "
