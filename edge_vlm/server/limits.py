@@ -8,7 +8,7 @@ request asks for: how many images, how many tokens.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from edge_vlm.config import ServerSettings
@@ -134,5 +134,3 @@ def _chat_fields() -> frozenset[str]:
     fields = ChatCompletionRequest.model_fields
     return frozenset({*fields, *(f.alias for f in fields.values() if f.alias)})
 
-
-FieldNoter = Callable[[str, str], None]
