@@ -205,8 +205,16 @@ class Job:
         self._loop = asyncio.get_running_loop()
 
     def start(self, executor: Executor) -> None:
-        """Run on ``executor``'s thread."""
-        self._loop.run_in_executor(executor, self._run)
+        """Run on ``executor``'s thread.
+
+        Raises:
+            ServiceUnavailableError: the server is shutting down (the executor is closed).
+        """
+        try:
+            self._loop.run_in_executor(executor, self._run)
+        except RuntimeError:
+            raise ServiceUnavailableError("the server is shutting down; retry later",
+                                          retry_after=5, code="shutting_down") from None
 
     def _put(self, kind: str, value: Any) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
