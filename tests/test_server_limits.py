@@ -407,3 +407,36 @@ def test_twenty_concurrent_clients_get_answers_or_clean_503s(roomy: Running,
     assert len(oks) >= roomy.app.settings.server.queue_size + 1
     assert call(roomy.port, "GET", "/health").status == 200
     assert post(roomy, chat_body(data_url(images["red"]), max_tokens=2)).status == 200
+
+
+def test_one_worker_per_model_and_waiting_holds_no_thread(roomy: Running,
+                                                          images: dict[str, Path]) -> None:
+    import sys
+
+    def in_turnstile() -> list[int]:
+        """The threads blocked waiting for a model's turn."""
+        found = []
+        for ident, frame in sys._current_frames().items():
+            f: Any = frame
+            while f is not None:
+                if f.f_code.co_name == "enter" and "turnstile" in f.f_code.co_filename:
+                    found.append(ident)
+                    break
+                f = f.f_back
+        return found
+
+    body = chat_body(data_url(images["blue"]), max_tokens=2)
+    results: list[Any] = []
+    with holding_model(roomy):
+        threads = [threading.Thread(target=lambda: results.append(post(roomy, body)))
+                   for _ in range(5)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: roomy.app.models.status()[0].users == 6)
+        time.sleep(0.2)
+        # Five requests wait; only the model's worker waits for the turn, on their behalf.
+        entry = next(iter(roomy.app.models._entries.values()))
+        assert in_turnstile() == [entry.worker._thread.ident]
+    for t in threads:
+        t.join(timeout=60)
+    assert [r.status for r in results] == [200] * 5

@@ -13,12 +13,14 @@ error event.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +45,13 @@ from edge_vlm.server.errors import (
 
 if TYPE_CHECKING:
     from edge_vlm.images import ImagePolicy
-    from edge_vlm.server.models import ModelManager, ModelSpec
+    from edge_vlm.server.models import Lease, ModelManager, ModelSpec
 
 log = logging.getLogger("edge_vlm.server")
+
+#: How long past its deadline a job still waiting for its model may take to report its
+#: own timeout before the event loop reports it.
+_GRACE_S = 0.5
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -173,11 +179,13 @@ class Watch:
 
 
 class Job:
-    """One chat completion on a worker thread; its output read from the event loop.
+    """One chat completion on its model's worker thread; its output read from the loop.
 
-    The thread takes a place in the model's queue (503 when full), waits for the model
-    (``x-wait-for-model``) and its turn, then generates. Every chunk (or the whole reply,
-    or the error) is handed over through an asyncio queue.
+    :meth:`start` takes a place in the model's queue (503 when full) and waits for the
+    model to load if asked (``x-wait-for-model``), on a helper thread; then the model's
+    worker (:class:`~edge_vlm.server.models.ModelWorker`, one per loaded model) runs the
+    job in its turn. Every chunk (or the whole reply, or the error) is handed over through
+    an asyncio queue; waiting in the model's queue holds no thread.
 
     Args:
         models: The server's models.
@@ -203,27 +211,48 @@ class Job:
         self._deadline = deadline
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        self._lease: AbstractContextManager[Lease] | None = None
+        self.started = threading.Event()
+        """Set by the worker when the job has the model (its generation runs)."""
 
-    def start(self, executor: Executor) -> None:
-        """Run on ``executor``'s thread.
+    async def start(self, executor: Executor) -> None:
+        """Take a place in the model's queue, then hand the job to the model's worker.
 
         Raises:
-            ServiceUnavailableError: the server is shutting down (the executor is closed).
+            ServiceUnavailableError: the queue is full, the model is loading (without
+                ``x-wait-for-model``), or the server is shutting down.
+            EdgeVLMError: the model failed to load.
+            ClientGone: the client left while waiting for the model to load.
         """
+        lease_cm = self._models.lease(self._spec, wait=self._wait, deadline=self._deadline,
+                                      cancel=self.cancel)
         try:
-            self._loop.run_in_executor(executor, self._run)
-        except RuntimeError:
+            lease = await self._loop.run_in_executor(executor, lease_cm.__enter__)
+        except RuntimeError as exc:
+            if "shutdown" not in str(exc):
+                raise
             raise ServiceUnavailableError("the server is shutting down; retry later",
                                           retry_after=5, code="shutting_down") from None
+        self._lease = lease_cm
+        try:
+            lease.worker.submit(functools.partial(self._run, lease))
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            lease.__exit__(None, None, None)
 
     def _put(self, kind: str, value: Any) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
 
-    def _run(self) -> None:
+    def _run(self, lease: Lease) -> None:
+        """On the model's worker: wait for the turn, generate, report."""
         try:
-            with self._models.lease(self._spec, wait=self._wait, deadline=self._deadline,
-                                    cancel=self.cancel) as lease, \
-                    lease.turn(self._deadline, self.cancel) as vlm:
+            with lease.turn(self._deadline, self.cancel) as vlm:
+                self.started.set()
                 answer = vlm.answer_read(self._request, self._image_data, cancel=self.cancel,
                                          policy=self._policy)
                 if isinstance(answer, ChatCompletion):
@@ -240,12 +269,30 @@ class Job:
         except BaseException as exc:  # every failure travels back to the request
             self._put("error", exc)
         finally:
+            self._release()  # the place in the queue
             self._put("end", None)
 
     async def next(self) -> tuple[str, Any]:
         """The next item: ``("chunk", c)``, ``("reply", r)``, ``("error", e)`` or
-        ``("end", None)``."""
-        return await self._queue.get()
+        ``("end", None)``.
+
+        Raises:
+            ServiceUnavailableError: the deadline passed while the job was still waiting
+                behind other jobs of its model (it is dropped when its turn comes).
+        """
+        if self.started.is_set() or not self._queue.empty():
+            return await self._queue.get()
+        try:
+            async with asyncio.timeout_at(self._deadline + _GRACE_S):
+                return await self._queue.get()
+        except TimeoutError:
+            if self.started.is_set() or not self._queue.empty():
+                return await self._queue.get()
+            self.cancel.set()
+            raise ServiceUnavailableError(
+                f"model {self._spec.name!r} stayed busy with other requests until this "
+                "request's time ran out (server.request_timeout_s); retry later",
+                retry_after=5, code="queue_timeout") from None
 
     async def reply(self) -> ChatCompletion:
         """The whole answer of a non-streamed request.

@@ -179,12 +179,13 @@ class ServerApp:
         """The latest requests served (newest last)."""
         self.bound_host = settings.server.host
         srv = settings.server
-        # The threads doing model work: each request's wait for its model and turn, and
-        # the generation (one at a time per model: the turnstile and the engine's lock).
-        # Bounded by what the queues admit, plus room for the requests they refuse.
+        # Threads that take a request's place in its model's queue (quick, unless it waits
+        # for the model to load: x-wait-for-model). The generation itself runs on the
+        # model's own worker thread (models.ModelWorker). Bounded by what the queues admit,
+        # plus room for the requests they refuse.
         self.executor = ThreadPoolExecutor(
             max_workers=srv.max_loaded_models * (srv.queue_size + 1) + 8,
-            thread_name_prefix="edge-vlm-model")
+            thread_name_prefix="edge-vlm-queue")
         self.noted_fields: set[str] = set()
         """Request fields already logged as unknown or not acted on (logged once each)."""
         self._active: set[threading.Event] = set()

@@ -142,10 +142,10 @@ async def _prepare(app: ServerApp, request: Request, ctx: RequestContext,
         raise
 
 
-def _job(app: ServerApp, request: Request, p: _Prepared) -> Job:
+async def _job(app: ServerApp, request: Request, p: _Prepared) -> Job:
     job = Job(app.models, p.spec, p.req, p.image_data, app.image_policy, p.cancel,
               wait=header_flag(request, "x-wait-for-model", False), deadline=p.deadline)
-    job.start(app.executor)
+    await job.start(app.executor)
     return job
 
 
@@ -173,7 +173,7 @@ async def complete(app: ServerApp, request: Request, ctx: RequestContext,
                                 finish_reason=answer.finish_reason)],
                 usage=answer.usage, timings=answer.timings), "hit"
         with app.tracked(p.cancel):
-            reply = await _job(app, request, p).reply()
+            reply = await (await _job(app, request, p)).reply()
         ctx.outcome.ttft_ms = ttft_ms(ctx.started)
         finish = reply.choices[0].finish_reason
         ctx.outcome.note(reply.timings, finish)
@@ -212,7 +212,7 @@ async def open_stream(app: ServerApp, request: Request, ctx: RequestContext,
         return OpenStream(replay_chunks(p.cached, include_usage), {"x-cache": "hit"}, None)
     try:
         with app.tracked(p.cancel):
-            job = _job(app, request, p)
+            job = await _job(app, request, p)
             head = await job.head()
         ctx.outcome.ttft_ms = ttft_ms(ctx.started)
         if not head:
