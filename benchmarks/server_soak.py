@@ -200,7 +200,7 @@ def soak(requests: int, clients: int, seed: int = 0) -> dict[str, Any]:
                 time.sleep(0.1)
             # Warm-up at the same concurrency: the server's bounded thread pools fill up
             # and the allocator settles; growth is measured from there.
-            warm = run_phase(port, max(4 * clients, 64), clients, seed + 1)
+            warm = run_phase(port, max(requests // 2, 16 * clients), clients, seed + 1)
             time.sleep(3.0)
             before = measure(proc.pid)
             started = time.monotonic()

@@ -354,6 +354,9 @@ class EventStream(Response):
         try:
             async for event in self._events:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
+                # Let the loop run between events even when they are all queued already:
+                # a lost connection is noticed (and the generation stopped) at once.
+                await asyncio.sleep(0)
         finally:
             if self._before_end is not None:
                 self._before_end()

@@ -179,13 +179,15 @@ class ServerApp:
         """The latest requests served (newest last)."""
         self.bound_host = settings.server.host
         srv = settings.server
-        # Threads that take a request's place in its model's queue (quick, unless it waits
-        # for the model to load: x-wait-for-model). The generation itself runs on the
-        # model's own worker thread (models.ModelWorker). Bounded by what the queues admit,
-        # plus room for the requests they refuse.
-        self.executor = ThreadPoolExecutor(
-            max_workers=srv.max_loaded_models * (srv.queue_size + 1) + 8,
-            thread_name_prefix="edge-vlm-queue")
+        # Threads for the blocking steps before generation: reading images (files, URLs),
+        # fingerprinting model files, taking a place in a model's queue (which waits when
+        # the model loads: x-wait-for-model). The generation itself runs on the model's
+        # own worker thread (models.ModelWorker). Bounded by what the queues admit, plus
+        # room for the requests they refuse.
+        workers = srv.max_loaded_models * (srv.queue_size + 1) + 8
+        self.executor = ThreadPoolExecutor(max_workers=workers,
+                                           thread_name_prefix="edge-vlm-queue")
+        _start_all_threads(self.executor, workers)
         self.noted_fields: set[str] = set()
         """Request fields already logged as unknown or not acted on (logged once each)."""
         self._active: set[threading.Event] = set()
@@ -256,7 +258,13 @@ class ServerApp:
                     *message.get("headers", []),
                     *((k.lower().encode("latin-1"), v.encode("latin-1"))
                       for k, v in ctx.headers.items())]}
-            await send(message)
+            try:
+                await send(message)
+            except Exception:
+                # The connection cannot take a response any more: h11 already answered a
+                # malformed request with 400 and is closing it, or the client left.
+                log.debug("response to %s not sent", ctx.request_id, exc_info=True)
+                ctx.gone = True
 
         try:
             response = self._guard(Headers(scope=scope), scope["method"], ctx)
@@ -358,6 +366,14 @@ class ServerApp:
                 cancel.set()
         self.models.close(timeout)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_all_threads(executor: ThreadPoolExecutor, workers: int) -> None:
+    """Start the pool's threads now, so their number never changes while serving (a
+    thread count that grows is then a leak; see benchmarks/server_soak.py)."""
+    barrier = threading.Barrier(workers)
+    for _ in range(workers):
+        executor.submit(barrier.wait, 10.0)
 
 
 def create_app(settings: Settings, *, auth: AuthConfig | None = None,

@@ -124,14 +124,14 @@ async def _prepare(app: ServerApp, request: Request, ctx: RequestContext,
     try:
         loop = asyncio.get_running_loop()
         read = await loop.run_in_executor(
-            None, functools.partial(read_images, req, app.image_policy))
+            app.executor, functools.partial(read_images, req, app.image_policy))
         if cancel.is_set():
             raise watch.stopped_error(srv.request_timeout_s)  # left during the image fetch
         key = None
         # Answers with logprobs are not kept: the cache keeps text and timings only.
         if app.cache.enabled and is_deterministic(req, app.settings.sampling) \
                 and not req.logprobs:
-            fingerprint = await loop.run_in_executor(None, spec.fingerprint)
+            fingerprint = await loop.run_in_executor(app.executor, spec.fingerprint)
             key = cache_key(req, read.identities, fingerprint)
         use_cache = header_flag(request, "x-use-cache", True)
         cached = app.cache.get(key) if key is not None and use_cache else None
@@ -244,7 +244,7 @@ async def open_stream(app: ServerApp, request: Request, ctx: RequestContext,
 async def list_models(app: ServerApp, request: Request, ctx: RequestContext) -> Response:
     """``GET /v1/models``: installed models in OpenAI's list format, marking the loaded."""
     loop = asyncio.get_running_loop()
-    items = await loop.run_in_executor(None, _model_objects, app)
+    items = await loop.run_in_executor(app.executor, _model_objects, app)
     return JSONResponse({"object": "list", "data": items})
 
 
@@ -253,7 +253,7 @@ async def get_model(app: ServerApp, request: Request, ctx: RequestContext,
     """``GET /v1/models/{model_id}``."""
     spec = app.models.resolve(model_id)
     loop = asyncio.get_running_loop()
-    for item in await loop.run_in_executor(None, _model_objects, app):
+    for item in await loop.run_in_executor(app.executor, _model_objects, app):
         if item["id"] == spec.name:
             return JSONResponse(item)
     return JSONResponse(_model_object(spec, None))
