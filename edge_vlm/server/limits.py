@@ -98,7 +98,8 @@ NOT_ACTED_ON = {
     "metadata": "stored with a completion by OpenAI; this server keeps nothing",
     "service_tier": "OpenAI's processing tier; there is one here",
     "logit_bias": "not supported by this server's sampler",
-    "parallel_tool_calls": "one tool call at most per answer here",
+    "parallel_tool_calls": "a required or named call is one call; otherwise every call the "
+                           "model writes is returned",
     "reasoning_effort": "for reasoning models",
     "modalities": "text output only",
     "prediction": "predicted outputs are not supported",
