@@ -12,6 +12,7 @@ with edge_vlm.load("default") as vlm:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import threading
@@ -28,7 +29,7 @@ from edge_vlm.backend import RGBImage, SamplerParams
 from edge_vlm.config import Settings, load_settings
 from edge_vlm.engine import Engine, GenerationParams, PromptImage
 from edge_vlm.errors import RequestError
-from edge_vlm.images import ImagePolicy, load_image
+from edge_vlm.images import ImagePolicy, decode_image, load_image
 from edge_vlm.limits import check_request_size
 from edge_vlm.loader import LoadedModel, load_model
 from edge_vlm.prompt import RenderedPrompt
@@ -39,17 +40,22 @@ from edge_vlm.schema import (
     ChatCompletionRequest,
     ChatMessage,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     Detail,
     ImagePart,
     ResponseFormat,
     StreamOptions,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     new_completion_id,
     now,
     parse_request,
 )
 from edge_vlm.stats import usage
+from edge_vlm.tools import ToolSetup, split_tool_calls, tool_setup
 
 
 def load(
@@ -276,32 +282,70 @@ class VLM:
     def _collect(self, chunks: Iterator[ChatCompletionChunk]) -> ChatCompletion:
         text: list[str] = []
         last: ChatCompletionChunk | None = None
+        lps: list[TokenLogprob] = []
+        calls: list[ToolCall] = []
         for chunk in chunks:
             for choice in chunk.choices:
                 if choice.delta.content:
                     text.append(choice.delta.content)
+                if choice.logprobs is not None and choice.logprobs.content:
+                    lps.extend(choice.logprobs.content)
+                calls.extend(ToolCall(**c.model_dump(exclude={"index"}))
+                             for c in choice.delta.tool_calls or [])
             if chunk.choices and chunk.choices[0].finish_reason is not None:
                 last = chunk
         assert last is not None and last.timings is not None
         stats = last.timings
         return ChatCompletion(
             id=last.id, created=last.created, model=last.model,
-            choices=[Choice(message=AssistantMessage(content="".join(text)),
-                            finish_reason=last.choices[0].finish_reason)],
+            choices=[Choice(message=AssistantMessage(content="".join(text) if text or not calls
+                                                     else None, tool_calls=calls or None),
+                            finish_reason=last.choices[0].finish_reason,
+                            logprobs=ChoiceLogprobs(content=lps) if lps else None)],
             usage=usage(stats), timings=stats,
         )
 
+    def answer_read(
+        self,
+        request: ChatCompletionRequest,
+        image_data: Sequence[bytes],
+        *,
+        cancel: threading.Event | None = None,
+        policy: ImagePolicy | None = None,
+    ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+        """Answer a request already validated, whose images were already read.
+
+        The server's path: it validated the request and read every image (under its own
+        policy) once; nothing is validated, fetched or base64-decoded a second time.
+
+        Args:
+            request: The validated request (``request.stream`` decides the return type).
+            image_data: Each image part's encoded bytes, in the order of the parts.
+            cancel: Set it from another thread to stop within one token.
+            policy: The pixel limit for decoding (default: from the settings).
+        """
+        chunks = self._stream(request, cancel, policy, image_data)
+        return chunks if request.stream else self._collect(chunks)
+
     def _stream(
         self, request: ChatCompletionRequest, cancel: threading.Event | None,
-        policy: ImagePolicy | None = None,
+        policy: ImagePolicy | None = None, image_data: Sequence[bytes] | None = None,
     ) -> Iterator[ChatCompletionChunk]:
         t_start = time.perf_counter()
-        prompt = self.render_prompt(request.messages)
-        images = self.load_images(request.messages, policy)
+        tools = tool_setup(request, self._template.source, self.name)
+        prompt = self.render_prompt(request.messages, tools=tools.tools if tools else None)
+        images = self.load_images(request.messages, policy, image_data)
         params = self._params(request)
+        if tools is not None and tools.schema is not None:  # a call is required
+            from edge_vlm.backend import json_schema_grammar
+
+            params.sampler = dataclasses.replace(
+                params.sampler, grammar=json_schema_grammar(tools.schema))
         params.max_image_tokens = self.image_budget([im.detail for im in images])
         cid, created = new_completion_id(), now()
         events = self.engine.generate(prompt, images, params, cancel=cancel, t_start=t_start)
+        if tools is not None:
+            events = _tool_events(events, tools)
         return self._chunks(request, events, cid, created)
 
     def _chunks(self, request: ChatCompletionRequest, events: Any, cid: str,
@@ -316,8 +360,13 @@ class VLM:
             if first:
                 yield make(Delta(role="assistant", content=""))
                 first = False
-            if ev.text:
-                yield make(Delta(content=ev.text))
+            if ev.text or ev.logprobs:
+                lp = ChoiceLogprobs(content=ev.logprobs) if ev.logprobs is not None else None
+                yield ChatCompletionChunk(id=cid, created=created, model=self.name, choices=[
+                    ChunkChoice(delta=Delta(content=ev.text), logprobs=lp)])
+            if getattr(ev, "tool_calls", None):
+                yield make(Delta(tool_calls=[ToolCallDelta(index=i, **c.model_dump())
+                                             for i, c in enumerate(ev.tool_calls)]))
             if ev.finish_reason is not None:
                 yield make(Delta(), ev.finish_reason, timings=ev.stats)
                 if request.stream_options and request.stream_options.include_usage:
@@ -394,9 +443,11 @@ class VLM:
         return side
 
     def load_images(
-        self, messages: list[ChatMessage], policy: ImagePolicy | None = None
+        self, messages: list[ChatMessage], policy: ImagePolicy | None = None,
+        image_data: Sequence[bytes] | None = None,
     ) -> list[PromptImage]:
-        """Read, decode and downscale every image of a conversation, in order."""
+        """Read, decode and downscale every image of a conversation, in order (from
+        ``image_data``, the images' bytes already read, when given)."""
         policy = policy or self.image_policy()
         parts = [(f"messages[{i}].content[{j}].image_url.url", part.image_url.url,
                   part.image_url.detail or self.settings.images.detail)
@@ -404,8 +455,13 @@ class VLM:
                  for j, part in enumerate(msg.content) if isinstance(part, ImagePart)]
         square = self.info.one_tile_side(self.image_budget([d for _, _, d in parts]))
         out: list[PromptImage] = []
-        for field, url, detail in parts:
-            img = load_image(url, policy, max_side=self.max_side(detail), field=field)
+        if image_data is not None and len(image_data) != len(parts):
+            raise RequestError(f"{len(image_data)} images read for {len(parts)} image parts")
+        for k, (field, url, detail) in enumerate(parts):
+            img = (load_image(url, policy, max_side=self.max_side(detail), field=field)
+                   if image_data is None else
+                   decode_image(image_data[k], max_pixels=policy.max_pixels,
+                                max_side=self.max_side(detail), field=field))
             t0 = time.perf_counter()
             pixels, identity = img.image, f"{img.identity}:{detail}"
             if square and pixels.size != (square, square):
@@ -418,11 +474,13 @@ class VLM:
             out.append(PromptImage(rgb=rgb, detail=detail, decode_ms=ms))
         return out
 
-    def render(self, messages: list[ChatMessage]) -> str:
-        """The prompt text, one media marker per image."""
-        return self.render_prompt(messages).text
+    def render(self, messages: list[ChatMessage],
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text, one media marker per image (and the tools, if any)."""
+        return self.render_prompt(messages, tools=tools).text
 
-    def render_prompt(self, messages: list[ChatMessage]) -> RenderedPrompt:
+    def render_prompt(self, messages: list[ChatMessage],
+                      tools: list[dict[str, Any]] | None = None) -> RenderedPrompt:
         """The prompt as template text, message text and image places (message text is
         tokenized as plain text: it cannot forge a turn or move an image).
 
@@ -430,7 +488,7 @@ class VLM:
             RequestTooLargeError: more messages or text than ``limits`` allow.
         """
         check_request_size(messages, self.settings.limits)
-        return self._template.render_prompt(messages, self.engine.backend.marker)
+        return self._template.render_prompt(messages, self.engine.backend.marker, tools=tools)
 
     def _params(self, request: ChatCompletionRequest) -> GenerationParams:
         s = self.settings.sampling
@@ -448,6 +506,7 @@ class VLM:
         return GenerationParams(
             max_tokens=request.token_limit or s.max_tokens,
             stop=request.stop_strings,
+            logprobs=request.logprobs_k,
             sampler=SamplerParams(
                 temperature=temperature,
                 top_p=request.top_p if request.top_p is not None else s.top_p,
@@ -510,3 +569,19 @@ def _unknown_keyword(name: str) -> RequestError:
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(sorted(valid))}"
     return RequestError(f"{name}: not a field of a chat request ({hint})", param=name)
+
+
+def _tool_events(events: Iterator[Any], tools: ToolSetup) -> Iterator[Any]:
+    """Hold a tool-using answer's text to its end, then split it into text and calls
+    (:func:`edge_vlm.tools.split_tool_calls`); a call makes the finish ``tool_calls``."""
+    held: list[str] = []
+    for ev in events:
+        if ev.finish_reason is None:
+            held.append(ev.text)
+            continue
+        content, calls = split_tool_calls("".join(held) + ev.text, tools)
+        ev.text = content or ""
+        ev.tool_calls = calls
+        if calls and ev.finish_reason in ("stop", "length"):
+            ev.finish_reason = "tool_calls"
+        yield ev

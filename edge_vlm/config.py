@@ -169,6 +169,10 @@ class ServerSettings(_Section):
     """Longest a request may take, waiting in the queue included."""
     read_timeout_s: float = Field(default=30.0, gt=0)
     """Longest a client may take to send its request headers and body (408 beyond)."""
+    max_connections: int = Field(default=1000, ge=1)
+    """Connections (and requests) open at once; beyond, new requests get 503."""
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    """How long an idle kept-alive connection stays open."""
     max_json_depth: int = Field(default=32, ge=4)
     """Deepest nesting of arrays and objects accepted in a request body."""
     response_cache_entries: int = Field(default=256, ge=0)

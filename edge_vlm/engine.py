@@ -33,9 +33,15 @@ from edge_vlm.cpuload import ThreadAdvisor
 from edge_vlm.diskcache import DiskEmbeddingCache
 from edge_vlm.embcache import EmbeddingCache
 from edge_vlm.errors import ContextOverflowError, GenerationError
-from edge_vlm.prompt import PromptPiece, RenderedPrompt
 from edge_vlm.kvstate import KVItem, KVStateCache, common_prefix
-from edge_vlm.schema import FinishReason, GenerationStats, ImageStats
+from edge_vlm.prompt import PromptPiece, RenderedPrompt
+from edge_vlm.schema import (
+    FinishReason,
+    GenerationStats,
+    ImageStats,
+    TokenLogprob,
+    TopLogprob,
+)
 from edge_vlm.stops import StopFilter
 
 
@@ -57,6 +63,8 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)
     max_image_tokens: int = 0
     """Image-token budget for tiling projectors (0: the model's full tiling)."""
+    logprobs: int | None = None
+    """Report each chosen token's log-probability and this many alternatives (None: off)."""
 
 
 @dataclass
@@ -66,6 +74,8 @@ class Event:
     text: str
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """With ``GenerationParams.logprobs``: the tokens behind this event's text."""
 
 
 REFIT_S = 0.5
@@ -412,6 +422,7 @@ class Engine:
         t_first: float | None = None
         reason: FinishReason = "length"
         started = False
+        lps: list[TokenLogprob] | None = None if params.logprobs is None else []
         try:
             for _ in range(params.max_tokens):
                 if cancel is not None and cancel.is_set():
@@ -425,6 +436,8 @@ class Engine:
                 if backend.is_eog(tok):
                     reason = "stop"
                     break
+                if lps is not None and params.logprobs is not None:
+                    lps.append(self._logprob(tok, params.logprobs))
                 stats.completion_tokens += 1
                 piece = backend.token_piece(tok)
                 if not started:
@@ -434,7 +447,8 @@ class Engine:
                     started = bool(piece)
                 out = stop.feed(piece)
                 if out:
-                    yield Event(out)
+                    yield Event(out, logprobs=lps)
+                    lps = None if lps is None else []
                 if stop.stopped:
                     reason = "stop"
                     break
@@ -452,7 +466,26 @@ class Engine:
             raise
         sampler.close()
         tail = stop.flush()
-        yield self._finish(tail, reason, stats, t_start, t_first)
+        last = self._finish(tail, reason, stats, t_start, t_first)
+        last.logprobs = lps or None
+        yield last
+
+    def _logprob(self, tok: int, k: int) -> TokenLogprob:
+        """The chosen token's log-probability and the ``k`` most likely alternatives, from
+        the raw logits (before temperature and other samplers, as OpenAI reports them)."""
+        logits = self.backend.last_logits().astype(np.float64)
+        top = logits.max()
+        logz = top + np.log(np.exp(logits - top).sum())
+
+        def entry(t: int) -> TopLogprob:
+            raw = self.backend.token_piece(t)
+            return TopLogprob(token=raw.decode("utf-8", "replace"),
+                              logprob=float(logits[t] - logz), bytes=list(raw))
+
+        chosen = entry(tok)
+        best = np.argpartition(-logits, k)[:k] if k else np.array([], dtype=np.int64)
+        best = best[np.argsort(-logits[best])]
+        return TokenLogprob(**chosen.model_dump(), top_logprobs=[entry(int(t)) for t in best])
 
     def _finish(
         self,

@@ -178,16 +178,28 @@ def _check_url(url: str, allowed_hosts: tuple[str, ...], resolve: Resolver, fiel
         if not addresses:
             raise ImageError(f"{field}: host {host!r} of {shown!r} has no address", param=field)
     if not trusted:
-        # All addresses must be public: a mixed answer is how rebinding attacks look.
+        # All addresses must be public or allowed by address (``--allow-host 127.0.0.1``
+        # covers ``localhost``): a mixed answer is how rebinding attacks look.
+        allowed_ips = {ip for ip in map(parse_ip_host, allowed_hosts) if ip is not None}
+        if any(ip in allowed_ips for ip in addresses):
+            # Connect only to the allowed ones (``localhost`` is often ::1 and 127.0.0.1).
+            addresses = [ip for ip in addresses if ip in allowed_ips]
         for ip in addresses:
-            if not is_public_address(ip):
-                raise RemoteImageDisabledError(
+            if not is_public_address(ip) and ip not in allowed_ips:
+                hint = (f"allow the name with --allow-host {host} (images.allowed_hosts) "
+                        "only if you trust it" if literal is None else _ALLOW_HINT)
+                raise ImageHostNotAllowedError(
                     f"{field}: URL {shown!r} points to {ip}, a {_describe(ip)} address; "
-                    f"remote images may only reach public addresses ({_ALLOW_HINT})",
+                    f"remote images may only reach public addresses or allowed hosts ({hint})",
                     param=field,
                 )
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return _Target(scheme, host, port, addresses[0], path)
+
+
+class ImageHostNotAllowedError(RemoteImageDisabledError):
+    """Remote images are on, but this URL's host is private or loopback and not allowed
+    (error code ``image_host_not_allowed``)."""
 
 
 def _is_allowed(host: str, literal: IPAddress | None, allowed_hosts: tuple[str, ...]) -> bool:

@@ -36,9 +36,11 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1000
 #: Deepest nesting of lists and objects in a request given to :func:`parse_request`.
 MAX_NESTING = 64
+#: The most alternatives per token ``top_logprobs`` may ask for (OpenAI's bound).
+MAX_TOP_LOGPROBS = 20
 
 Detail = Literal["auto", "low", "high"]
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 class _Model(BaseModel):
@@ -71,14 +73,72 @@ class ImagePart(_Model):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(_Model):
+    """The function a tool call invokes: its name and JSON-encoded arguments."""
+
+    name: str
+    arguments: str = "{}"
+    """The arguments as a JSON string (as OpenAI sends and expects them)."""
+
+
+class ToolCall(_Model):
+    """One tool call of an assistant message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Model):
+    """A function the model may call."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    """A JSON schema of the arguments."""
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    """A tool offered to the model (only functions exist)."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoice(_Model):
+    """``tool_choice`` naming the function the model must call."""
+
+    type: Literal["function"] = "function"
+    function: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        """The function's name."""
+        return self.function.get("name", "")
+
+
 class ChatMessage(_Model):
     """One message of a conversation."""
 
-    role: Literal["system", "user", "assistant"]
-    """Who wrote it. Images are allowed only in ``user`` messages."""
+    role: Literal["system", "user", "assistant", "tool"]
+    """Who wrote it (``tool``: a tool's result; ``developer``, OpenAI's newer name for
+    ``system``, is read as ``system``). Images are allowed only in ``user`` messages."""
     content: str | list[ContentPart] | None = None
     """A string, or a list of text and image parts in the order they are shown."""
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant message's tool calls (sent back with the conversation)."""
+    tool_call_id: str | None = None
+    """A tool message: the id of the call it answers."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _developer_is_system(cls, data: Any) -> Any:
+        # OpenAI's newer name for the system role (o1 and later; the SDKs send it).
+        if isinstance(data, dict) and data.get("role") == "developer":
+            return {**data, "role": "system"}
+        return data
 
     @field_validator("content", mode="before")
     @classmethod
@@ -190,6 +250,16 @@ class ChatCompletionRequest(_Model):
     response_format: ResponseFormat | None = None
     n: int | None = None
     """Only 1 is supported."""
+    tools: list[Tool] | None = None
+    """Functions the model may call (rendered through the model's chat template)."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """``auto`` (default with tools), ``none``, ``required`` or a named function."""
+    parallel_tool_calls: bool | None = None
+    """Whether several calls may come in one answer (default true)."""
+    logprobs: bool | None = None
+    """Return the log-probability of each chosen token."""
+    top_logprobs: int | None = None
+    """With ``logprobs``: also the most likely alternatives at each position (0-20)."""
 
     @field_validator("max_tokens", "max_completion_tokens")
     @classmethod
@@ -263,6 +333,24 @@ class ChatCompletionRequest(_Model):
         if v is not None and v != 1:
             raise ValueError(f"only n=1 is supported, got {v}: send {v} requests instead")
         return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_range(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"must be between 0 and {MAX_TOP_LOGPROBS}, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """How many alternatives to report per token, None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("stop")
     @classmethod
@@ -347,11 +435,33 @@ class GenerationStats(_Model):
     encode_ms_saved: float = 0.0
 
 
+class TopLogprob(_Model):
+    """One candidate token at a position, with its log-probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    """The token's UTF-8 bytes (a token may hold part of a character)."""
+
+
+class TokenLogprob(TopLogprob):
+    """The chosen token at a position, and the most likely alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Model):
+    """A choice's ``logprobs``: one entry per generated token."""
+
+    content: list[TokenLogprob] | None = None
+
+
 class AssistantMessage(_Model):
     """The answer."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(_Model):
@@ -360,7 +470,7 @@ class Choice(_Model):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(_Model):
@@ -377,11 +487,18 @@ class ChatCompletion(_Model):
     """edge-vlm's stats (ignored by OpenAI/HF clients)."""
 
 
+class ToolCallDelta(ToolCall):
+    """A tool call in a stream chunk (sent whole, with its index)."""
+
+    index: int = 0
+
+
 class Delta(_Model):
     """The increment of a streamed choice."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(_Model):
@@ -390,7 +507,7 @@ class ChunkChoice(_Model):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Model):

@@ -241,13 +241,13 @@ class ChatTemplate:
         return "PROBE\u2063" in out and "'type'" not in out
 
     def _render_raw(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                    input_chars: int = 0) -> str:
+                    input_chars: int = 0, tools: list[dict[str, Any]] | None = None) -> str:
         # The bounds live on the environment: one render at a time sets and reads them.
         with self._lock:
-            return self._render_locked(messages, add_generation_prompt, input_chars)
+            return self._render_locked(messages, add_generation_prompt, input_chars, tools)
 
     def _render_locked(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                       input_chars: int) -> str:
+                       input_chars: int, tools: list[dict[str, Any]] | None) -> str:
         env = self._env
         env.deadline = time.monotonic() + MAX_RENDER_SECONDS
         # The conversation's own text may be large; what the template adds may not.
@@ -262,7 +262,7 @@ class ChatTemplate:
             eos_token=self.eos_token,
             raise_exception=_raise_exception,
             strftime_now=_strftime_now,
-            tools=None,
+            tools=tools,
         )
         for piece in gen:
             size += len(piece)
@@ -273,9 +273,9 @@ class ChatTemplate:
         return "".join(pieces)
 
     def _render_payload(self, payload: list[dict[str, Any]], add_generation_prompt: bool,
-                        input_chars: int) -> str:
+                        input_chars: int, tools: list[dict[str, Any]] | None = None) -> str:
         try:
-            return self._render_raw(payload, add_generation_prompt, input_chars)
+            return self._render_raw(payload, add_generation_prompt, input_chars, tools)
         except RequestError:
             raise
         except _TemplateLimitError as err:
@@ -296,8 +296,12 @@ class ChatTemplate:
         marker: str,
         *,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Render a conversation, each image part becoming ``marker`` where it appears.
+
+        ``tools`` (OpenAI's tool list) goes to the template's ``tools`` variable, and
+        messages keep their ``tool_calls`` and ``tool_call_id`` (see :mod:`edge_vlm.tools`).
 
         Raises:
             RequestError: the template refused the conversation (``raise_exception``).
@@ -305,7 +309,8 @@ class ChatTemplate:
         """
         texts = _texts(messages)
         payload = [self._message_payload(m, lambda t: t, lambda: marker) for m in messages]
-        return self._render_payload(payload, add_generation_prompt, _size(texts))
+        _add_tool_fields(payload, messages, tools)
+        return self._render_payload(payload, add_generation_prompt, _size(texts), tools)
 
     def render_prompt(
         self,
@@ -313,6 +318,7 @@ class ChatTemplate:
         marker: str,
         *,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> RenderedPrompt:
         """Render a conversation into pieces: the template's text, the messages' text and
         the images' places (see :mod:`edge_vlm.prompt`).
@@ -332,9 +338,9 @@ class ChatTemplate:
         """
         texts = _texts(messages)
         chars = _size(texts)
-        real = self._render_payload(
-            [self._message_payload(m, lambda t: t, lambda: marker) for m in messages],
-            add_generation_prompt, chars)
+        plain = [self._message_payload(m, lambda t: t, lambda: marker) for m in messages]
+        _add_tool_fields(plain, messages, tools)
+        real = self._render_payload(plain, add_generation_prompt, chars, tools)
         nonce = secrets.token_hex(4)
         counter = iter(range(1 << 30))
         originals: dict[str, PromptPiece] = {}
@@ -346,7 +352,8 @@ class ChatTemplate:
 
         payload = [self._message_payload(m, hold, lambda: hold(marker, "image"))
                    for m in messages]
-        held = self._render_payload(payload, add_generation_prompt, chars)
+        _add_tool_fields(payload, messages, tools)
+        held = self._render_payload(payload, add_generation_prompt, chars, tools)
         pieces = _align(real, held, originals, nonce)
         if pieces is not None:
             return RenderedPrompt(tuple(pieces))
@@ -438,3 +445,18 @@ def _align(real: str, held: str, originals: dict[str, PromptPiece], nonce: str
             pieces.append(PromptPiece("template", after))
         pos += len(after)
     return pieces if pos == len(real) else None
+
+
+def _add_tool_fields(payload: list[dict[str, Any]], messages: list[ChatMessage],
+                     tools: list[dict[str, Any]] | None) -> None:
+    """Give the template's view of each message its ``tool_calls`` / ``tool_call_id``.
+
+    A tool call's arguments are printed by the template as its own text (they are the
+    model's earlier output, not a person's), so they are not kept apart as message text.
+    """
+    if tools is None and not any(m.tool_calls or m.tool_call_id for m in messages):
+        return
+    from edge_vlm.tools import template_tool_fields
+
+    for item, m in zip(payload, messages, strict=True):
+        item.update(template_tool_fields(m))

@@ -20,7 +20,8 @@ import pytest
 
 from edge_vlm.config import Settings, load_settings
 from edge_vlm.gguf.testmodels import TinyVLMPaths
-from edge_vlm.server.app import EdgeHTTPServer, ServerApp, create_server
+from edge_vlm.server.app import ServerApp
+from edge_vlm.server.run import EdgeServer, create_server
 from edge_vlm.server.auth import AuthConfig
 from edge_vlm.server.models import Loader
 
@@ -40,7 +41,7 @@ def server_settings(paths: TinyVLMPaths | None, **overrides: Any) -> Settings:
 class Running:
     """A server serving in a background thread."""
 
-    server: EdgeHTTPServer
+    server: EdgeServer
     thread: threading.Thread
     token: str | None
 

@@ -103,8 +103,13 @@ def test_remote_loopback_refused_unless_allowed(server: str) -> None:
     with pytest.raises(RemoteImageDisabledError, match=r"127\.0\.0\.1, a loopback") as info:
         load_image(f"{server}/img.png", ImagePolicy(allow_remote=True), field=FIELD)
     assert FIELD in str(info.value) and info.value.param == FIELD
-    with pytest.raises(RemoteImageDisabledError, match="a loopback address"):
-        load_image(server.replace("127.0.0.1", "localhost"), LOCAL)  # name resolved, checked
+    with pytest.raises(RemoteImageDisabledError, match="--allow-host localhost"):
+        # The name is resolved and checked; its address is not the allowed one.
+        load_image(server.replace("127.0.0.1", "localhost") + "/img.png",
+                   ImagePolicy(allow_remote=True, allowed_hosts=("10.9.9.9",)))
+    # Allowing an address allows a name that resolves to it (issue 20).
+    by_name = load_image(server.replace("127.0.0.1", "localhost") + "/img.png", LOCAL)
+    assert by_name.width == 8
     loaded = load_image(f"{server}/img.png", LOCAL, field=FIELD)
     assert (loaded.source_format, loaded.width) == ("PNG", 8)
 

@@ -141,10 +141,10 @@ def test_unreadable_bodies_are_400(tight: Running, raw: bytes, what: str) -> Non
     assert what in r.error["message"] and r.error["type"] == "invalid_request_error"
 
 
-# --- validation (422) and request limits ------------------------------------------------------
+# --- validation (400, as OpenAI answers) and request limits --------------------------------
 
 
-def test_invalid_fields_are_422_naming_the_field(tight: Running, images: dict[str, Path]) -> None:
+def test_invalid_fields_are_400_naming_the_field(tight: Running, images: dict[str, Path]) -> None:
     url = data_url(images["red"])
     cases: list[tuple[dict[str, Any], str]] = [
         ({"model": "default"}, "messages"),
@@ -158,8 +158,15 @@ def test_invalid_fields_are_422_naming_the_field(tight: Running, images: dict[st
     ]
     for body, param in cases:
         r = post(tight, body)
-        assert r.status == 422, (param, r.body)
+        assert r.status == 400, (param, r.body)
         assert r.error["param"] == param and r.error["message"].startswith(param)
+        assert set(r.error) == {"message", "type", "param", "code"}
+    # The OpenAI SDK raises its BadRequestError, carrying the field.
+    client = openai.OpenAI(base_url=f"{tight.url}/v1", api_key=TOKEN, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="default", messages=question(url),  # type: ignore[arg-type]
+                                       max_tokens=2, temperature=5)
+    assert err.value.param == "temperature" and "temperature" in err.value.message
 
 
 def test_image_limits_and_formats(tight: Running) -> None:
@@ -400,3 +407,36 @@ def test_twenty_concurrent_clients_get_answers_or_clean_503s(roomy: Running,
     assert len(oks) >= roomy.app.settings.server.queue_size + 1
     assert call(roomy.port, "GET", "/health").status == 200
     assert post(roomy, chat_body(data_url(images["red"]), max_tokens=2)).status == 200
+
+
+def test_one_worker_per_model_and_waiting_holds_no_thread(roomy: Running,
+                                                          images: dict[str, Path]) -> None:
+    import sys
+
+    def in_turnstile() -> list[int]:
+        """The threads blocked waiting for a model's turn."""
+        found = []
+        for ident, frame in sys._current_frames().items():
+            f: Any = frame
+            while f is not None:
+                if f.f_code.co_name == "enter" and "turnstile" in f.f_code.co_filename:
+                    found.append(ident)
+                    break
+                f = f.f_back
+        return found
+
+    body = chat_body(data_url(images["blue"]), max_tokens=2)
+    results: list[Any] = []
+    with holding_model(roomy):
+        threads = [threading.Thread(target=lambda: results.append(post(roomy, body)))
+                   for _ in range(5)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: roomy.app.models.status()[0].users == 6)
+        time.sleep(0.2)
+        # Five requests wait; only the model's worker waits for the turn, on their behalf.
+        entry = next(iter(roomy.app.models._entries.values()))
+        assert in_turnstile() == [entry.worker._thread.ident]
+    for t in threads:
+        t.join(timeout=60)
+    assert [r.status for r in results] == [200] * 5

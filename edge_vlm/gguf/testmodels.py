@@ -9,6 +9,7 @@ that generation never stops by itself, so tests bound it with ``max_tokens``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ def make_tiny_vlm(
     projection_width: int | None = None,
     dtype: WeightDType = "F16",
     prefix: str = "tiny",
+    chat_template: str | None = None,
 ) -> TinyVLMPaths:
     """Write a seeded random ``llama`` model and a matching ``mlp`` mmproj.
 
@@ -96,6 +98,7 @@ def make_tiny_vlm(
             *mismatched* mmproj that llama.cpp refuses to pair with the model.
         dtype: ``"F16"`` or ``"F32"`` for the matrices.
         prefix: File name prefix.
+        chat_template: ``tokenizer.chat_template`` (default: the builders' generic one).
 
     Returns:
         The two paths.
@@ -112,6 +115,8 @@ def make_tiny_vlm(
         n_ctx=n_ctx,
         name=f"{prefix}-vlm",
     )
+    if chat_template:
+        spec = dataclasses.replace(spec, chat_template=chat_template)
     weights = _text_weights(rng, spec, vocab)
     model = write_llama_model(out / f"{prefix}-model.gguf", spec, vocab, weights, dtype)
 

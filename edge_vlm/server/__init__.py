@@ -1,13 +1,33 @@
 """``edge-vlm serve``: the chat-completion API (OpenAI / Hugging Face) on the user's machine.
 
-Standard library HTTP only (``http.server``), so the edge install stays light. The parts,
-one job per module:
+An ASGI application (Starlette) served by uvicorn on h11; :func:`create_app` gives the app
+to mount in your own Starlette or FastAPI application. The parts, one job per module:
 
-- :mod:`.app`: the HTTP server, the per-request handler and the routes;
-- :mod:`.exchange`: one request/response pair (body reading with a byte cap, JSON, errors);
-- :mod:`.handlers`: the endpoints; :mod:`.generate`: running one chat completion;
+- :mod:`.app`: the ASGI app, the Host/Origin guard, errors, the request log;
+- :mod:`.handlers`: the endpoints; :mod:`.answer`: running one answer and streaming it;
+- :mod:`.hfraw`, :mod:`.responses_api`: the HF text-generation form, the Responses API;
+- :mod:`.body`: reading a body under limits; :mod:`.limits`: what a request may ask for;
 - :mod:`.models`: which models are loaded, loading state, the per-model queue;
-- :mod:`.auth`, :mod:`.limits`, :mod:`.media`, :mod:`.cache`, :mod:`.sse`, :mod:`.watch`.
+- :mod:`.auth`, :mod:`.media`, :mod:`.cache`, :mod:`.turnstile`, :mod:`.protocol`;
+- :mod:`.run`: uvicorn, the command's start and stop.
 
-Nothing is imported here: ``edge_vlm.server.cli`` is imported for ``edge-vlm --help``.
+Nothing heavy is imported here: ``edge_vlm.server.cli`` is imported for ``edge-vlm --help``.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edge_vlm.config import Settings
+    from edge_vlm.server.app import ServerApp
+
+
+def create_app(settings: Settings, **kwargs: Any) -> ServerApp:
+    """edge-vlm's API as an ASGI app; see :func:`edge_vlm.server.app.create_app`."""
+    from edge_vlm.server.app import create_app as create
+
+    return create(settings, **kwargs)
+
+
+__all__ = ["create_app"]

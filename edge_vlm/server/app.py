@@ -1,46 +1,68 @@
-"""The HTTP server: ``ThreadingHTTPServer``, one handler per connection, the routes.
+"""The ASGI application: :func:`create_app` builds it, uvicorn or a parent app serves it.
 
-Every request goes through :meth:`ServerApp.dispatch`: the ``Host`` check (DNS rebinding),
-the ``Origin`` check (CORS), the route, the Bearer token, then the endpoint. Errors are
-converted once, here, to the OpenAI error shape; one log line per request follows.
+Every request goes through :meth:`ServerApp.__call__`: the ``Host`` check (DNS rebinding),
+the ``Origin`` check (CORS, preflights answered here), then Starlette's router, whose
+endpoints (:mod:`.handlers`) check the Bearer token. Errors are converted once, to the
+OpenAI error shape (:func:`error_response`); one log line per request follows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import socket
-import socketserver
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-from edge_vlm import __version__
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
 from edge_vlm.config import Settings
-from edge_vlm.errors import EdgeVLMError
+from edge_vlm.errors import EdgeVLMError, ModelNotFoundError, RequestError
 from edge_vlm.server import handlers
-from edge_vlm.server.auth import AuthConfig, check_bearer, check_host, check_origin
+from edge_vlm.server.answer import Outcome
+from edge_vlm.server.auth import (
+    AuthConfig,
+    check_bearer,
+    check_host,
+    check_origin,
+    resolve_auth,
+)
 from edge_vlm.server.cache import ResponseCache
 from edge_vlm.server.errors import (
     BadRequestError,
+    ClientGone,
     ForbiddenError,
-    PayloadTooLargeError,
+    HeadersTooLargeError,
+    HTTPError,
+    MethodNotAllowedError,
+    RouteNotFoundError,
+    error_body,
+    header_safe,
 )
-from edge_vlm.server.exchange import ClientGone, Exchange, error_body, header_safe
-from edge_vlm.server.generate import Outcome
 from edge_vlm.server.media import server_image_policy
 from edge_vlm.server.models import Loader, ModelManager
-from edge_vlm.server.router import Router
 
 log = logging.getLogger("edge_vlm.server")
 
-_CORS_HEADERS = "authorization, content-type, x-use-cache, x-wait-for-model"
+#: The most bytes of request headers accepted (h11 caps what it buffers while waiting; a
+#: request arriving whole is checked here).
+MAX_HEADER_BYTES = 32 * 1024
 #: Status recorded for a client that left before its answer (nginx's convention).
 CLIENT_CLOSED = 499
+_EXPOSED = "x-cache, x-request-id, retry-after, x-error-message"
+_ROUTES_TEXT = ("POST /v1/chat/completions, POST /v1/responses, "
+                "POST /models/{model}/v1/chat/completions, POST /models/{model}, "
+                "GET /v1/models and GET /health")
 
 
 @dataclass
@@ -53,6 +75,7 @@ class RequestRecord:
     outcome: Outcome
     total_ms: float
     error: str | None = None
+    request_id: str = ""
 
     def line(self) -> str:
         """The log line: method, path, status, model, tokens, images, TTFT, time, cache."""
@@ -70,48 +93,256 @@ class RequestRecord:
                 + (f"images={images} " if images else "")
                 + f"ttft={num(o.ttft_ms, 'ms')} total={self.total_ms:.0f}ms cache={o.cache}"
                 + (f" finish={o.finish_reason}" if o.finish_reason else "")
+                + f" id={self.request_id}"
                 + (f" error={self.error!r}" if self.error else ""))
 
 
-def build_router() -> Router:
-    """The server's endpoints."""
-    r = Router()
-    r.add("POST", r"/v1/chat/completions", handlers.chat_completions)
-    r.add("POST", r"/chat/completions", handlers.chat_completions)
-    r.add("POST", r"/models/(?P<model_id>.+?)/v1/chat/completions", handlers.chat_completions)
-    r.add("GET", r"/v1/models", handlers.list_models)
-    r.add("GET", r"/v1/models/(?P<model_id>.+)", handlers.get_model)
-    r.add("GET", r"/health", handlers.health, auth=False)
-    return r
+@dataclass
+class RequestContext:
+    """One request in flight: what its log line needs, and headers added to its response."""
+
+    method: str
+    path: str
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    outcome: Outcome = field(default_factory=Outcome)
+    status: int | None = None
+    gone: bool = False
+    error: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def context(request: Request) -> RequestContext:
+    """The :class:`RequestContext` of a request inside :class:`ServerApp`."""
+    ctx: RequestContext = request.scope["state"]["edge_vlm"]
+    return ctx
+
+
+def status_of(err: EdgeVLMError) -> int:
+    """The HTTP status of an error: the client's faults are 4xx (bad request 400, too large
+    413, unsupported image 415, model missing 404), the server's own errors say theirs
+    (401, 403, 503 ...), and anything else of the runtime's is a 500."""
+    if isinstance(err, HTTPError | RequestError | ModelNotFoundError):
+        return err.http_status
+    return 500
+
+
+def error_response(err: EdgeVLMError, ctx: RequestContext | None = None) -> Response:
+    """An error in the OpenAI shape, with the status the error names.
+
+    A 500 is the runtime's own fault: it is logged with the request id, which the
+    message names (and the ``x-request-id`` header carries).
+    """
+    headers = dict(err.headers) if isinstance(err, HTTPError) else {}
+    status = status_of(err)
+    body = error_body(err)
+    if status == 500 and ctx is not None:
+        log.error("internal error in %s %s (request id %s): %s", ctx.method, ctx.path,
+                  ctx.request_id, err.message, exc_info=err)
+        body["error"]["message"] = f"{err.message} (request id {ctx.request_id})"
+    # Hugging Face clients show this header's text as the error message.
+    headers["X-Error-Message"] = header_safe(body["error"]["message"])
+    if ctx is not None:
+        ctx.error = err.message
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def internal_error(exc: BaseException, ctx: RequestContext) -> Response:
+    """A bug: logged with its traceback and the request id, 500 naming the id."""
+    err = EdgeVLMError(f"internal error ({type(exc).__name__}) while answering; the "
+                       "server's log has the details")
+    err.__cause__ = exc
+    return error_response(err, ctx)
+
+
+Endpoint = Callable[..., Awaitable[Response]]
 
 
 class ServerApp:
-    """The server's state: settings, auth, models, response cache, request log.
+    """edge-vlm's HTTP API as an ASGI application, and the state behind it.
 
     Args:
         settings: All settings (``server`` and ``images`` sections apply here).
-        auth: The effective authentication (see :func:`~edge_vlm.server.auth.resolve_auth`).
-        loader: Loads a model (default: llama.cpp); tests gate it to see loading states.
+        auth: The effective authentication (default: from the settings, see
+            :func:`~edge_vlm.server.auth.resolve_auth`).
+        loader: Loads a model (default: :func:`edge_vlm.api.load`); tests gate it.
     """
 
-    def __init__(self, settings: Settings, auth: AuthConfig, *,
+    def __init__(self, settings: Settings, auth: AuthConfig | None = None, *,
                  loader: Loader | None = None) -> None:
         self.settings = settings
-        self.auth = auth
+        self.auth = auth if auth is not None else resolve_auth(settings.server)
         self.models = ModelManager(settings, loader)
         self.cache = ResponseCache(settings.server.response_cache_entries)
         self.image_policy = server_image_policy(settings)
-        self.router = build_router()
         self.records: deque[RequestRecord] = deque(maxlen=1000)
         """The latest requests served (newest last)."""
         self.bound_host = settings.server.host
+        srv = settings.server
+        # Threads for the blocking steps before generation: reading images (files, URLs),
+        # fingerprinting model files, taking a place in a model's queue (which waits when
+        # the model loads: x-wait-for-model). The generation itself runs on the model's
+        # own worker thread (models.ModelWorker). Bounded by what the queues admit, plus
+        # room for the requests they refuse.
+        workers = srv.max_loaded_models * (srv.queue_size + 1) + 8
+        self.executor = ThreadPoolExecutor(max_workers=workers,
+                                           thread_name_prefix="edge-vlm-queue")
+        _start_all_threads(self.executor, workers)
+        self.noted_fields: set[str] = set()
+        """Request fields already logged as unknown or not acted on (logged once each)."""
         self._active: set[threading.Event] = set()
         self._lock = threading.Lock()
+        self._router = Starlette(routes=self._routes(), exception_handlers={
+            HTTPException: self._http_exception})
+
+    def _routes(self) -> list[Route]:
+        def ep(fn: Endpoint, *, auth: bool = True) -> Callable[[Request], Awaitable[Response]]:
+            async def endpoint(request: Request) -> Response:
+                ctx = context(request)
+                try:
+                    if auth:
+                        check_bearer(self.auth, request.headers.get("authorization", ""))
+                    return await fn(self, request, ctx, **request.path_params)
+                except ClientGone:
+                    ctx.gone = True
+                    return Response(status_code=400, headers={"Connection": "close"})
+                except EdgeVLMError as err:
+                    return error_response(err, ctx)
+                except Exception as exc:
+                    return internal_error(exc, ctx)
+            return endpoint
+
+        chat = ep(handlers.chat_completions)
+        return [
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/chat/completions", chat, methods=["POST"]),
+            Route("/models/{model_id:path}/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/responses", ep(handlers.responses), methods=["POST"]),
+            Route("/models/{model_id:path}", ep(handlers.text_generation), methods=["POST"]),
+            Route("/v1/models", ep(handlers.list_models), methods=["GET"]),
+            Route("/v1/models/{model_id:path}", ep(handlers.get_model), methods=["GET"]),
+            Route("/health", ep(handlers.health, auth=False), methods=["GET"]),
+        ]
+
+    async def _http_exception(self, request: Request, exc: Exception) -> Response:
+        """Starlette's 404 and 405, in the OpenAI error shape."""
+        assert isinstance(exc, HTTPException)
+        ctx = context(request)
+        path = request.url.path[:200]
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            methods = ", ".join(sorted({*allow.split(", "), "OPTIONS"} - {""}))
+            return error_response(MethodNotAllowedError(
+                f"{request.method} is not allowed on {path}; use {methods}",
+                headers={"Allow": methods}), ctx)
+        return error_response(RouteNotFoundError(
+            f"no endpoint at {path!r}; this server answers {_ROUTES_TEXT}"), ctx)
+
+    # -- ASGI --------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1003})
+            return
+        ctx = RequestContext(scope["method"], scope["path"], "req-" + uuid.uuid4().hex[:16])
+        ctx.headers["x-request-id"] = ctx.request_id
+        scope.setdefault("state", {})["edge_vlm"] = ctx
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ctx.status = message["status"]
+                message = {**message, "headers": [
+                    *message.get("headers", []),
+                    *((k.lower().encode("latin-1"), v.encode("latin-1"))
+                      for k, v in ctx.headers.items())]}
+            try:
+                await send(message)
+            except Exception:
+                # The connection cannot take a response any more: h11 already answered a
+                # malformed request with 400 and is closing it, or the client left.
+                log.debug("response to %s not sent", ctx.request_id, exc_info=True)
+                ctx.gone = True
+
+        try:
+            response = self._guard(Headers(scope=scope), scope["method"], ctx)
+            if response is not None:
+                await response(scope, receive, send_with_headers)
+            else:
+                await self._router(scope, receive, send_with_headers)
+        except Exception as exc:  # a bug below the endpoints: still an answer and a log
+            if ctx.status is None:
+                await internal_error(exc, ctx)(scope, receive, send_with_headers)
+            else:
+                log.error("error after the response started (request id %s)",
+                          ctx.request_id, exc_info=exc)
+        finally:
+            self._record(ctx)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _record(self, ctx: RequestContext) -> None:
+        status = CLIENT_CLOSED if ctx.gone else (ctx.status or 0)
+        record = RequestRecord(ctx.method, ctx.path, status, ctx.outcome,
+                               (time.perf_counter() - ctx.started) * 1000.0,
+                               ctx.error or ctx.outcome.error, ctx.request_id)
+        self.records.append(record)
+        log.info("%s", record.line())
+
+    def _guard(self, headers: Headers, method: str, ctx: RequestContext) -> Response | None:
+        """Host and Origin checks before anything else; the answer to a CORS preflight."""
+        srv = self.settings.server
+        try:
+            size = sum(len(k) + len(v) for k, v in headers.raw)
+            if size > MAX_HEADER_BYTES:
+                raise HeadersTooLargeError(
+                    f"the request headers are {size} bytes, over the {MAX_HEADER_BYTES}-byte "
+                    "limit", headers={"Connection": "close"})
+            hosts = headers.getlist("host")
+            if len(hosts) > 1:
+                raise BadRequestError("the request has more than one Host header; send one",
+                                      headers={"Connection": "close"})
+            host = hosts[0] if hosts else ""
+            if not host:
+                raise ForbiddenError("the request has no Host header; send one (HTTP/1.1)")
+            check_host(host, self.bound_host, srv.allowed_host_names)
+            origin = headers.get("origin", "")
+            allowed = check_origin(origin, srv.cors_origins)
+        except EdgeVLMError as err:
+            return error_response(err, ctx)
+        if allowed:
+            ctx.headers.update({"Access-Control-Allow-Origin": origin,
+                                "Access-Control-Expose-Headers": _EXPOSED, "Vary": "Origin"})
+        if method != "OPTIONS":
+            return None
+        cors: dict[str, str] = {}
+        if allowed:
+            # Reflect what the page asks to send: the OpenAI JS SDK adds its own
+            # ``x-stainless-*`` headers; the origin is trusted already.
+            requested = headers.get("access-control-request-headers", "")
+            cors = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Headers": header_safe(requested, 2000)
+                    or "authorization, content-type",
+                    "Access-Control-Max-Age": "600"}
+            ctx.headers["Vary"] = ("Origin, Access-Control-Request-Method, "
+                                   "Access-Control-Request-Headers")
+        return Response(status_code=204, headers={"Allow": "GET, POST, OPTIONS", **cors})
+
+    # -- state -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def tracked(self) -> Iterator[threading.Event]:
-        """A cancel flag for one request, set by :meth:`close` at shutdown."""
-        cancel = threading.Event()
+    def tracked(self, cancel: threading.Event) -> Iterator[threading.Event]:
+        """Register a request's cancel flag, set by :meth:`close` at shutdown."""
         with self._lock:
             self._active.add(cancel)
         try:
@@ -120,228 +351,59 @@ class ServerApp:
             with self._lock:
                 self._active.discard(cancel)
 
+    def note_field(self, name: str, message: str) -> None:
+        """Log ``message`` the first time a request field ``name`` is seen."""
+        with self._lock:
+            if name in self.noted_fields:
+                return
+            self.noted_fields.add(name)
+        log.warning("%s", message)
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop running generations and unload the models."""
         with self._lock:
             for cancel in self._active:
                 cancel.set()
         self.models.close(timeout)
-
-    # -- one request -----------------------------------------------------------------
-
-    def dispatch(self, handler: BaseHTTPRequestHandler) -> None:
-        """Answer one request on ``handler``'s connection."""
-        ex = Exchange(handler, max_body_bytes=self.settings.server.max_body_bytes)
-        outcome = Outcome()
-        error: str | None = None
-        status: int | None = None
-        try:
-            self._guard(ex)
-            if ex.method == "OPTIONS":
-                self._preflight(ex)
-                return
-            route, params = self.router.match(ex.method, ex.path)
-            if route.auth:
-                check_bearer(self.auth, ex.header("Authorization"))
-            route.handler(self, ex, outcome, **params)
-        except ClientGone:
-            status = CLIENT_CLOSED
-            handler.close_connection = True
-        except EdgeVLMError as err:
-            status, error = err.http_status, err.message
-            self._send_error(ex, err)
-        except (BrokenPipeError, ConnectionResetError):
-            status = CLIENT_CLOSED
-            handler.close_connection = True
-        except Exception as exc:  # a bug: answer 500 and keep serving
-            log.exception("error while answering %s %s", ex.method, ex.path)
-            internal = EdgeVLMError(f"internal error: {type(exc).__name__}: {exc}")
-            status, error = internal.http_status, internal.message
-            self._send_error(ex, internal)
-        finally:
-            if ex.body_unread:
-                handler.close_connection = True
-                ex.linger()
-            record = RequestRecord(ex.method, ex.path, status or ex.status or 0, outcome,
-                                   (time.perf_counter() - ex.started) * 1000.0,
-                                   error or outcome.error)
-            self.records.append(record)
-            log.info("%s", record.line())
-
-    def _send_error(self, ex: Exchange, err: EdgeVLMError) -> None:
-        if ex.responded:
-            return  # a stream already started: the error went out as an event
-        with contextlib.suppress(OSError):
-            ex.send_error(err)
-
-    def _guard(self, ex: Exchange) -> None:
-        """Host and Origin checks, before anything else."""
-        srv = self.settings.server
-        host = ex.header("Host")
-        if not host:
-            raise ForbiddenError("the request has no Host header; send one (HTTP/1.1)")
-        check_host(host, self.bound_host, srv.allowed_host_names)
-        if check_origin(ex.header("Origin"), srv.cors_origins):
-            ex.extra_headers.update({
-                "Access-Control-Allow-Origin": ex.header("Origin"),
-                "Access-Control-Expose-Headers": "x-cache, retry-after, x-error-message",
-                "Vary": "Origin",
-            })
-
-    def _preflight(self, ex: Exchange) -> None:
-        ex.send_bytes(204, b"", "text/plain", {
-            "Allow": "GET, POST, OPTIONS",
-            **({"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": _CORS_HEADERS,
-                "Access-Control-Max-Age": "600"} if ex.extra_headers else {}),
-        })
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-class RequestHandler(BaseHTTPRequestHandler):
-    """The per-connection handler; everything is delegated to :class:`ServerApp`."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = f"edge-vlm/{__version__}"
-    server: EdgeHTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        # Bounds every read: a client trickling its headers or body gets 408 or is cut.
-        self.connection.settimeout(self.server.app.settings.server.read_timeout_s)
-        with contextlib.suppress(OSError):
-            # Each SSE event is one small write: do not let Nagle hold it back.
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def version_string(self) -> str:
-        """The ``Server`` header: edge-vlm's version only."""
-        return self.server_version
-
-    def _dispatch(self) -> None:
-        self.server.app.dispatch(self)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _dispatch
-
-    def handle_expect_100(self) -> bool:
-        """Refuse an oversized body before the client sends it."""
-        limit = self.server.app.settings.server.max_body_bytes
-        declared = self.headers.get("Content-Length", "").strip()
-        if declared.isdigit() and int(declared) > limit:
-            ex = Exchange(self, max_body_bytes=limit)
-            ex.send_error(PayloadTooLargeError(
-                f"the request body is {declared} bytes, over the {limit}-byte limit "
-                "(server.max_body_bytes)"))
-            self.close_connection = True
-            return False
-        return super().handle_expect_100()
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """Protocol-level errors (bad request line, headers too large) as OpenAI JSON."""
-        err = BadRequestError(f"HTTP {code}: {message or explain or 'bad request'}")
-        err.http_status = code
-        body = error_body(err)
-        data = _json_bytes(body)
-        with contextlib.suppress(OSError):
-            self.send_response(code, message)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("X-Error-Message", header_safe(err.message))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-        self.close_connection = True
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced: :meth:`ServerApp.dispatch` logs one line per request."""
+def _start_all_threads(executor: ThreadPoolExecutor, workers: int) -> None:
+    """Start the pool's threads now, so their number never changes while serving (a
+    thread count that grows is then a leak; see benchmarks/server_soak.py)."""
+    barrier = threading.Barrier(workers)
+    for _ in range(workers):
+        executor.submit(barrier.wait, 10.0)
 
 
-def _json_bytes(body: Any) -> bytes:
-    import json
+def create_app(settings: Settings, *, auth: AuthConfig | None = None,
+               loader: Loader | None = None) -> ServerApp:
+    """edge-vlm's API as an ASGI app, to serve with uvicorn or mount in your own app.
 
-    return json.dumps(body, separators=(",", ":")).encode()
+    ```python
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from edge_vlm.config import load_settings
+    from edge_vlm.server import create_app
 
+    app = Starlette(routes=[Mount("/vlm", create_app(load_settings()))])
+    ```
 
-class EdgeHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server bound to the settings' host and port.
+    With ``server.preload`` the default model starts loading now, in the background.
 
     Args:
-        app: The application state.
-    """
-
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 128  # 20+ clients connecting at once must not be dropped
-
-    def __init__(self, app: ServerApp) -> None:
-        self.app = app
-        host = app.settings.server.host
-        if ":" in host.strip("[]"):
-            self.address_family = socket.AF_INET6
-        super().__init__((host.strip("[]"), app.settings.server.port), RequestHandler)
-
-    def server_bind(self) -> None:
-        """Bind without ``HTTPServer``'s reverse DNS lookup (it can hang offline)."""
-        socketserver.TCPServer.server_bind(self)
-        self.server_name = str(self.server_address[0])
-        self.server_port = int(self.server_address[1])
-
-    @property
-    def port(self) -> int:
-        """The port actually bound (useful with port 0)."""
-        return int(self.server_address[1])
-
-    def url(self) -> str:
-        """The base URL clients use (``http://host:port``)."""
-        host = self.app.settings.server.host.strip("[]")
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1" if self.address_family == socket.AF_INET else "::1"
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{self.port}"
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Connection-level failures (a client resetting) are not worth a traceback."""
-        log.debug("connection error from %s", client_address, exc_info=True)
-
-
-def create_server(settings: Settings, auth: AuthConfig, *,
-                  loader: Loader | None = None) -> EdgeHTTPServer:
-    """Bind the server (it does not serve until ``serve_forever``) and preload the model.
+        settings: All settings.
+        auth: The authentication (default: from ``settings.server``).
+        loader: Loads a model (default: :func:`edge_vlm.api.load`).
 
     Raises:
-        OSError: the address cannot be bound.
+        ConfigError: a non-loopback host without a token.
         ModelNotFoundError: the default model is missing (when preloading).
     """
     app = ServerApp(settings, auth, loader=loader)
-    server = EdgeHTTPServer(app)
     if settings.server.preload:
-        try:
-            app.models.start(app.models.default_spec())
-        except BaseException:
-            server.server_close()
-            raise
-    return server
+        app.models.start(app.models.default_spec())
+    return app
 
 
-def startup_line(server: EdgeHTTPServer) -> str:
-    """The one line printed at start: the URL and the auth state."""
-    app = server.app
-    url = server.url()
-    remote = "remote images on" if app.settings.images.allow_remote else "remote images off"
-    if app.settings.images.allow_remote and app.settings.images.allowed_hosts:
-        remote += f" (allowlisted: {', '.join(app.settings.images.allowed_hosts)})"
-    return (f"edge-vlm serve: listening on {url} (OpenAI base_url {url}/v1); "
-            f"{app.auth.describe()}; {remote}; model {_default_name(app)}")
-
-
-def _default_name(app: ServerApp) -> str:
-    try:
-        spec = app.models.default_spec()
-    except EdgeVLMError:
-        return "(default model missing)"
-    state = {s.name: s.state for s in app.models.status()}.get(spec.name, "loads on first use")
-    return f"{spec.name} {state}"
-
-
-__all__ = ["EdgeHTTPServer", "RequestRecord", "ServerApp", "create_server",
-           "startup_line"]
+__all__ = ["RequestRecord", "ServerApp", "create_app", "error_response"]

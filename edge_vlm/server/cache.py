@@ -17,7 +17,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from edge_vlm.config import SamplingSettings
-from edge_vlm.schema import ChatCompletionRequest, FinishReason, ImagePart, Usage
+from edge_vlm.schema import (
+    ChatCompletionRequest,
+    FinishReason,
+    GenerationStats,
+    ImagePart,
+    Usage,
+)
 
 
 @dataclass(frozen=True)
@@ -28,18 +34,25 @@ class CachedAnswer:
         model: The model name the answer came from.
         pieces: The text deltas as first streamed (replayed as the same chunks).
         finish_reason: ``stop`` or ``length``.
-        usage: Token counts of the original computation.
+        timings: The original computation's stats (a replay reports them unchanged).
     """
 
     model: str
     pieces: tuple[str, ...]
     finish_reason: FinishReason
-    usage: Usage
+    timings: GenerationStats
 
     @property
     def text(self) -> str:
         """The whole answer."""
         return "".join(self.pieces)
+
+    @property
+    def usage(self) -> Usage:
+        """Token counts of the original computation."""
+        t = self.timings
+        return Usage(prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
+                     total_tokens=t.prompt_tokens + t.completion_tokens)
 
 
 def is_deterministic(request: ChatCompletionRequest, sampling: SamplingSettings) -> bool:

@@ -13,8 +13,9 @@ def add_parser(subparsers: Any, add_model_flags: Callable[[argparse.ArgumentPars
     p = subparsers.add_parser(
         "serve",
         help="serve the chat-completion API (OpenAI / Hugging Face clients) on this machine",
-        description="Serve POST /v1/chat/completions (and the Hugging Face layout "
-                    "/models/{model}/v1/chat/completions), GET /v1/models and GET /health. "
+        description="Serve POST /v1/chat/completions (and the Hugging Face layouts "
+                    "/models/{model}/v1/chat/completions and POST /models/{model}), "
+                    "POST /v1/responses, GET /v1/models and GET /health. "
                     "Programs written for the Hugging Face Inference API or the OpenAI SDK "
                     "work offline by changing only their base URL.",
     )

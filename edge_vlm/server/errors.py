@@ -6,7 +6,13 @@ what only exists over HTTP: authentication, refused origins, limits, queueing an
 
 from __future__ import annotations
 
+from typing import Any
+
 from edge_vlm.errors import EdgeVLMError, RequestError
+
+
+class ClientGone(Exception):
+    """The client closed the connection (recorded as status 499, nothing is sent)."""
 
 
 class HTTPError(EdgeVLMError):
@@ -33,9 +39,10 @@ class BadRequestError(HTTPError):
 
 
 class ValidationFailedError(HTTPError):
-    """The request is well-formed JSON but a field is invalid or over a limit."""
+    """The request is well-formed JSON but a field is invalid or over a limit (400, as
+    OpenAI answers: the SDKs raise ``BadRequestError``)."""
 
-    http_status = 422
+    http_status = 400
     error_type = "invalid_request_error"
     code = "validation_error"
 
@@ -99,6 +106,14 @@ class PayloadTooLargeError(HTTPError):
     code = "request_too_large"
 
 
+class HeadersTooLargeError(HTTPError):
+    """The request line and headers are over the server's cap."""
+
+    http_status = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
+
+
 class ServiceUnavailableError(HTTPError):
     """Try again later: a model is loading or the queue is full (``Retry-After`` set).
 
@@ -128,5 +143,32 @@ class GenerationTimeoutError(HTTPError):
 
 
 def validation_error(err: RequestError) -> ValidationFailedError:
-    """The schema's RequestError (naming the field) as a 422."""
+    """The schema's RequestError (naming the field) as a 400."""
     return ValidationFailedError(err.message, param=err.param)
+
+
+def error_body(err: EdgeVLMError) -> dict[str, Any]:
+    """The OpenAI error document ``{"error": {"message", "type", "param", "code"}}``."""
+    code = getattr(err, "code", None)
+    body: dict[str, Any] = {"error": {
+        "message": err.message,
+        "type": err.error_type,
+        "param": err.param,
+        "code": code if code is not None else _default_code(err),
+    }}
+    if isinstance(err, ServiceUnavailableError) and err.estimated_time is not None:
+        body["estimated_time"] = round(err.estimated_time, 1)
+    return body
+
+
+def _default_code(err: EdgeVLMError) -> str:
+    """A snake_case code from the error class: ``ContextOverflowError`` → ``context_overflow``."""
+    name = type(err).__name__.removesuffix("Error")
+    out = "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+    return out or "error"
+
+
+def header_safe(text: str, limit: int = 300) -> str:
+    """A value fit for one header line: latin-1, no line breaks, bounded."""
+    flat = " ".join(text.split())
+    return flat.encode("latin-1", "replace").decode("latin-1")[:limit]

@@ -1,13 +1,15 @@
 """The server's request limits and the validation of a request body.
 
-Body size and JSON depth are checked while reading (:mod:`.exchange`); bytes and pixels
+Body size and JSON depth are checked while reading (:mod:`.body`); bytes and pixels
 per image by the image loader (:mod:`edge_vlm.images`); this module checks what the parsed
 request asks for: how many images, how many tokens.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from edge_vlm.config import ServerSettings
 from edge_vlm.errors import RequestError
@@ -86,3 +88,50 @@ def check_limits(request: ChatCompletionRequest, limits: ServerSettings) -> None
             raise ValidationFailedError(
                 f"{name}: {value} is over this server's limit of {limits.max_tokens_limit} "
                 "(server.max_tokens_limit); ask for fewer tokens", param=name)
+
+
+#: Fields OpenAI and HF clients send that edge-vlm accepts and does not act on (the README
+#: lists them); each is logged once.
+NOT_ACTED_ON = {
+    "user": "identifies the end user to OpenAI; nothing to do locally",
+    "store": "OpenAI stores completions; this server keeps nothing",
+    "metadata": "stored with a completion by OpenAI; this server keeps nothing",
+    "service_tier": "OpenAI's processing tier; there is one here",
+    "logit_bias": "not supported by this server's sampler",
+    "parallel_tool_calls": "a required or named call is one call; otherwise every call the "
+                           "model writes is returned",
+    "reasoning_effort": "for reasoning models",
+    "modalities": "text output only",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "no web search offline",
+    "tool_prompt": "HF's tool prompt; the model's chat template renders tools",
+}
+
+
+class _Noter(Protocol):
+    def note_field(self, name: str, message: str) -> None: ...
+
+
+def note_fields(app: _Noter, body: Any, known: Iterable[str] | None = None,
+                where: str = "chat.completions") -> None:
+    """Log, once per field name, a request field this server does not know or ignores.
+
+    Unknown fields are accepted (OpenAI and HF clients send extras) but never silently.
+    """
+    if not isinstance(body, dict):
+        return
+    names = set(known) if known is not None else _chat_fields()
+    for name in body:
+        if name in NOT_ACTED_ON:
+            app.note_field(f"{where}:{name}", f"request field {name!r} ({where}) is accepted "
+                           f"but not acted on: {NOT_ACTED_ON[name]}")
+        elif name not in names:
+            app.note_field(f"{where}:{name}", f"request field {name!r} ({where}) is unknown "
+                           "to this server and ignored")
+
+
+@functools.cache
+def _chat_fields() -> frozenset[str]:
+    fields = ChatCompletionRequest.model_fields
+    return frozenset({*fields, *(f.alias for f in fields.values() if f.alias)})
+

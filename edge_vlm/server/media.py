@@ -5,24 +5,21 @@ with remote images on (and then through :mod:`edge_vlm.netfetch`: public address
 unless allowlisted, pinned connections, redirects re-checked, a timeout and a byte cap);
 local paths and ``file://`` only under ``server.allowed_local_media_path``.
 
-Every image is read here, once, and handed to the model as a ``data:`` URL of the bytes
-read, so the runtime never opens a path or a URL a client named. The SHA-256 of the bytes
-is the image's content identity in response-cache keys.
+Every image is read here, once, and its bytes handed to the runtime as they are
+(:meth:`edge_vlm.api.VLM.answer_read`), so the runtime never opens a path or a URL a
+client named, and nothing is encoded or decoded twice. The SHA-256 of the bytes is the
+image's content identity in response-cache keys.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_vlm.config import Settings
-from edge_vlm.images import ImagePolicy, read_image_source, sniff_format
+from edge_vlm.images import ImagePolicy, read_image_source
 from edge_vlm.schema import ChatCompletionRequest, ImagePart
-
-_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
-         "BMP": "image/bmp"}
 
 
 def server_image_policy(settings: Settings) -> ImagePolicy:
@@ -39,37 +36,30 @@ def server_image_policy(settings: Settings) -> ImagePolicy:
 
 
 @dataclass(frozen=True)
-class PreparedRequest:
-    """A request whose images are all inline, with their content identities.
+class ReadImages:
+    """The images of a request, read once, and their content identities.
 
     Attributes:
-        request: A copy of the request; every ``image_url.url`` is a ``data:`` URL.
+        data: Each image part's encoded bytes, in order (handed to the runtime as they are).
         identities: ``sha256:<hex>`` of each image's bytes, in order.
     """
 
-    request: ChatCompletionRequest
+    data: list[bytes]
     identities: list[str]
 
 
-def prepare_images(request: ChatCompletionRequest, policy: ImagePolicy) -> PreparedRequest:
-    """Read every image of a request under ``policy`` and inline it.
+def read_images(request: ChatCompletionRequest, policy: ImagePolicy) -> ReadImages:
+    """Read every image of a request under ``policy``.
 
     Raises:
         ImageError: an image is refused, unreadable or too large (naming its field).
     """
-    copy = request.model_copy(deep=True)
-    identities: list[str] = []
-    for i, msg in enumerate(copy.messages):
+    data: list[bytes] = []
+    for i, msg in enumerate(request.messages):
         if not isinstance(msg.content, list):
             continue
         for j, part in enumerate(msg.content):
-            if not isinstance(part, ImagePart):
-                continue
-            field = f"messages[{i}].content[{j}].image_url.url"
-            url = part.image_url.url
-            data, _ = read_image_source(url, policy, field)
-            identities.append("sha256:" + hashlib.sha256(data).hexdigest())
-            if url.lstrip()[:5].lower() != "data:":
-                mime = _MIME.get(sniff_format(data), "")
-                part.image_url.url = f"data:{mime};base64," + base64.b64encode(data).decode()
-    return PreparedRequest(copy, identities)
+            if isinstance(part, ImagePart):
+                field = f"messages[{i}].content[{j}].image_url.url"
+                data.append(read_image_source(part.image_url.url, policy, field)[0])
+    return ReadImages(data, ["sha256:" + hashlib.sha256(d).hexdigest() for d in data])

@@ -5,14 +5,15 @@ into files (404 when nothing is installed under it). :meth:`ModelManager.lease` 
 a place in that model's queue (503 when full), starts loading the model if needed (in a
 background thread; at most ``server.max_loaded_models`` stay loaded, the least recently
 used idle one is unloaded), and waits for it when the request carries
-``x-wait-for-model: true`` (else 503 with ``estimated_time``). :meth:`Lease.turn` then
-waits for the model to be free.
+``x-wait-for-model: true`` (else 503 with ``estimated_time``). Each model has one worker
+thread (:class:`ModelWorker`) that runs its generations in order; :meth:`Lease.turn`
+waits for the model to be free (the worker's job, or a caller holding the model).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +25,7 @@ from typing import TYPE_CHECKING, Literal
 from edge_vlm.config import Settings
 from edge_vlm.errors import EdgeVLMError, ModelLoadError, ModelNotFoundError
 from edge_vlm.resolve import SHIPPED_MODEL, resolve_model
-from edge_vlm.server.errors import ServiceUnavailableError
-from edge_vlm.server.exchange import ClientGone
+from edge_vlm.server.errors import ClientGone, ServiceUnavailableError
 from edge_vlm.server.names import catalog_name_for_hub_id, lookup_installed
 from edge_vlm.server.turnstile import Turnstile
 
@@ -71,15 +71,17 @@ class ModelSpec:
         return f"{self.model_path.resolve()}|{self.mmproj_path.resolve()}"
 
     def fingerprint(self) -> str:
-        """Identity of the files' content as of now (path, size, modification time)."""
-        h = hashlib.sha256()
+        """Identity of the files' content as of now (:func:`~edge_vlm.loader.file_fingerprint`
+        of both files)."""
+        from edge_vlm.loader import file_fingerprint
+
+        parts = []
         for path in (self.model_path, self.mmproj_path):
             try:
-                st = path.stat()
-                h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+                parts.append(file_fingerprint(path))
             except OSError:
-                h.update(f"{path}:missing;".encode())
-        return h.hexdigest()[:32]
+                parts.append(f"{path}:missing")
+        return "+".join(parts)
 
     def size_bytes(self) -> int:
         """Both files' size."""
@@ -94,11 +96,39 @@ Loader = Callable[[ModelSpec, Settings], "VLM"]
 
 
 def load_vlm(spec: ModelSpec, settings: Settings) -> VLM:
-    """The default loader: llama.cpp through :func:`edge_vlm.loader.load_model`."""
-    from edge_vlm.api import VLM
-    from edge_vlm.loader import load_model
+    """The default loader: :func:`edge_vlm.api.load` with the server's settings."""
+    from edge_vlm.api import load
 
-    return VLM(load_model(spec.load_name, spec.load_mmproj, settings), settings)
+    return load(spec.load_name, spec.load_mmproj, settings=settings)
+
+
+class ModelWorker:
+    """The one thread that does a loaded model's work: jobs run one at a time, in order.
+
+    Args:
+        name: The model's name (the thread's name says it).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"edge-vlm-model-{name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue a job (it must report its own outcome; an escaping error is logged)."""
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except BaseException:
+                log.exception("a model job failed")
+
+    def stop(self) -> None:
+        """End the thread after the jobs already queued."""
+        self._jobs.put(None)
 
 
 class ModelEntry:
@@ -115,6 +145,7 @@ class ModelEntry:
         """Requests holding a lease: waiting for the load, for their turn, or running."""
         self.turnstile = Turnstile()
         self.last_used = time.monotonic()
+        self.worker = ModelWorker(spec.name)
 
     def estimated_time(self) -> float:
         """Seconds until the load is expected to finish."""
@@ -142,6 +173,11 @@ class Lease:
     def name(self) -> str:
         """The model's name."""
         return self._entry.spec.name
+
+    @property
+    def worker(self) -> ModelWorker:
+        """The model's worker thread."""
+        return self._entry.worker
 
     @contextmanager
     def turn(self, deadline: float, cancel: threading.Event) -> Iterator[VLM]:
@@ -291,6 +327,8 @@ class ModelManager:
             self._cond.wait(min(_POLL_S, deadline - time.monotonic()))
 
     def _load(self, entry: ModelEntry, victim: ModelEntry | None) -> None:
+        if victim is not None:
+            victim.worker.stop()
         if victim is not None and victim.vlm is not None:
             log.info("unloading model %s to make room for %s", victim.spec.name,
                      entry.spec.name)
@@ -381,6 +419,7 @@ class ModelManager:
                 # Report it once; the next request tries to load the model again.
                 if self._entries.get(entry.spec.key) is entry:
                     del self._entries[entry.spec.key]
+                    entry.worker.stop()
                 assert entry.error is not None
                 raise entry.error
 
@@ -411,6 +450,7 @@ class ModelManager:
             for e in idle:
                 del self._entries[e.spec.key]
         for e in idle:
+            e.worker.stop()
             if e.vlm is not None:
                 e.vlm.close()
                 e.vlm = None

@@ -11,8 +11,7 @@ import threading
 import time
 from collections import deque
 
-from edge_vlm.server.errors import ServiceUnavailableError
-from edge_vlm.server.exchange import ClientGone
+from edge_vlm.server.errors import ClientGone, ServiceUnavailableError
 
 _POLL_S = 0.1
 
