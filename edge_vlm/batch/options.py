@@ -92,8 +92,9 @@ def make_plan(options: BatchOptions, settings: Settings, model_id: str) -> Plan:
         "system": options.system, "schema": options.schema,
         "conversation": options.conversation,
         "max_tokens": options.max_tokens or s.sampling.max_tokens,
-        "temperature": (options.temperature if options.temperature is not None
-                        else s.sampling.temperature),
+        # float: ``temperature=0`` (Python) and ``--temperature 0`` (CLI) are one setting
+        "temperature": float(options.temperature if options.temperature is not None
+                             else s.sampling.temperature),
         "seed": options.seed, "top_p": s.sampling.top_p, "top_k": s.sampling.top_k,
         "min_p": s.sampling.min_p, "repeat_penalty": s.sampling.repeat_penalty,
         "detail": options.detail or s.images.detail, "max_side": s.images.max_side,

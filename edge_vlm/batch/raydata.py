@@ -114,7 +114,9 @@ def _init(ray: Any, opts: RayOptions, settings: Settings) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False}
     if opts.quiet:
         kwargs.update(log_to_driver=False, logging_level=logging.ERROR)
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        # Ray's C++ core logs to the driver's stderr directly: e.g. a warning on every
+        # Ray Data actor pool about restartable actors with arguments in the object store.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     if opts.address is None:
         # A local Ray just for this run (never a cluster RAY_ADDRESS points at). Enough
