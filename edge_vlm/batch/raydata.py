@@ -1,7 +1,8 @@
 """The Ray engine of ``edge-vlm batch --ray``: the same batch on Ray Data, one machine or many.
 
 The pipeline: the batch's images (one row each) → a read stage (the file's bytes, or why
-they cannot be read) → ``map_batches`` with :class:`_Answerer`, an actor per model replica
+they cannot be read; fused into the next stage, so it runs in the actor) → ``map_batches``
+with :class:`_Answerer`, an actor per model replica
 that loads the model once and runs :func:`~edge_vlm.batch.runner.answer_image` on each
 image (every prompt, the image encoded once) → the results back to the driver, which
 writes every line itself (one writer, fsync per line, the local engine's ``--resume``).
@@ -117,6 +118,9 @@ def _init(ray: Any, opts: RayOptions, settings: Settings) -> None:
         # Ray's C++ core logs to the driver's stderr directly: e.g. a warning on every
         # Ray Data actor pool about restartable actors with arguments in the object store.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        # Ray Data's stats actor sometimes fails to update a finished dataset's metrics
+        # under load (KeyError in _StatsActor.update_dataset): noise, not our results.
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
         warnings.filterwarnings("ignore", module=r"ray(\.|$)")
     if opts.address is None:
         # A local Ray just for this run (never a cluster RAY_ADDRESS points at). Enough
@@ -181,7 +185,10 @@ def _stream(ray: Any, items: list[BatchItem], todo: list[int], base: tuple[str, 
     # One image per block (up to a cap): an image's results reach the driver as soon as it
     # is done, and a dead worker costs only its image.
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 100_000))
-    ds = ds.map(_Reader(image_policy(settings)), num_cpus=0.25)
+    # The read stage asks for the replicas' CPUs so Ray Data fuses it into the actor stage
+    # (Map(_Reader)->MapBatches(_Answerer)): the bytes are read where they are answered and
+    # never cross the object store, and an image costs one Ray task, not two.
+    ds = ds.map(_Reader(image_policy(settings)), num_cpus=threads)
     ds = ds.map_batches(
         _Answerer, batch_size=1, concurrency=opts.workers, num_cpus=threads,
         fn_constructor_kwargs={"model": model, "settings": settings, "threads": threads,
