@@ -8,7 +8,6 @@ which also covers a model given by path (hashed on the driver, checked on the wo
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import signal
@@ -65,7 +64,7 @@ def test_worker_flags_need_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str
     rc = cli_main(["batch", str(tmp_path / "imgs"), "-p", "Q?", "--out",
                    str(tmp_path / "o.jsonl"), "--workers", "2", "--no-progress"])
     assert rc == 2
-    assert "--workers and --threads-per-worker need --ray" in capsys.readouterr().err
+    assert "--workers, --threads-per-worker and --gpus-per-worker need --ray" in capsys.readouterr().err
 
 
 # -- on a local Ray ----------------------------------------------------------------------

@@ -81,6 +81,9 @@ def add_parser(subparsers: Any, add_model_flags: Callable[[argparse.ArgumentPars
     p.add_argument("--threads-per-worker", type=int, metavar="T",
                    help="with --ray: llama.cpp threads and Ray CPUs per replica (default: "
                         "--threads, else this machine's cores shared by the workers)")
+    p.add_argument("--gpus-per-worker", type=float, metavar="G",
+                   help="with --ray: GPUs reserved per replica (0.25: four share one GPU; "
+                        "default 0)")
     add_model_flags(p)
 
 
@@ -91,8 +94,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BatchInputError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.temperature is not None and not 0.0 <= args.temperature <= 2.0:
         raise BatchInputError(f"--temperature must be between 0 and 2, got {args.temperature}")
-    if args.ray is None and (args.workers is not None or args.threads_per_worker is not None):
-        raise BatchInputError("--workers and --threads-per-worker need --ray")
+    if args.ray is None and (args.workers is not None or args.threads_per_worker is not None
+                             or args.gpus_per_worker is not None):
+        raise BatchInputError("--workers, --threads-per-worker and --gpus-per-worker need "
+                              "--ray")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -135,6 +140,7 @@ def main(args: argparse.Namespace) -> int:
         ray_options = RayOptions(address=None if args.ray == "local" else args.ray,
                                  workers=args.workers or 1,
                                  threads_per_worker=args.threads_per_worker,
+                                 gpus_per_worker=args.gpus_per_worker or 0.0,
                                  quiet=not settings.runtime.verbose)
 
     err = sys.stderr

@@ -56,12 +56,16 @@ class RayOptions:
         workers: Model replicas (Ray actors), each answering one image at a time.
         threads_per_worker: llama.cpp threads (and Ray CPUs) of each replica; None: the
             ``--threads`` setting, else this machine's physical cores shared by the workers.
+        gpus_per_worker: GPUs Ray reserves for each replica (0.25: four share a GPU) and
+            shows it (``CUDA_VISIBLE_DEVICES``); 0: none reserved (Ray 2.60 then leaves
+            the node's GPUs visible, and llama.cpp may offload to them unscheduled).
         quiet: Silence Ray's own progress bars and logs (the driver shows its own).
     """
 
     address: str | None = None
     workers: int = 1
     threads_per_worker: int | None = None
+    gpus_per_worker: float = 0.0
     quiet: bool = True
 
     def __post_init__(self) -> None:
@@ -70,6 +74,9 @@ class RayOptions:
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise BatchInputError(
                 f"--threads-per-worker must be at least 1, got {self.threads_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise BatchInputError(
+                f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker}")
 
     def threads(self, settings: Settings) -> int:
         """The llama.cpp threads of each replica."""
@@ -188,9 +195,10 @@ def _stream(ray: Any, items: list[BatchItem], todo: list[int], base: tuple[str, 
     # The read stage asks for the replicas' CPUs so Ray Data fuses it into the actor stage
     # (Map(_Reader)->MapBatches(_Answerer)): the bytes are read where they are answered and
     # never cross the object store, and an image costs one Ray task, not two.
-    ds = ds.map(_Reader(image_policy(settings)), num_cpus=threads)
+    gpus = opts.gpus_per_worker or None
+    ds = ds.map(_Reader(image_policy(settings)), num_cpus=threads, num_gpus=gpus)
     ds = ds.map_batches(
-        _Answerer, batch_size=1, concurrency=opts.workers, num_cpus=threads,
+        _Answerer, batch_size=1, concurrency=opts.workers, num_cpus=threads, num_gpus=gpus,
         fn_constructor_kwargs={"model": model, "settings": settings, "threads": threads,
                                "plan": plan, "base": base,
                                "recorded": [ray.put(recorded)]})
