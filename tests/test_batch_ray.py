@@ -22,11 +22,14 @@ from typing import Any
 import pytest
 
 from edge_vlm.batch import BatchOptions, RayOptions, discover, run
+from edge_vlm.batch.identity import identify, verify
 from edge_vlm.batch.inputs import BatchInputError
 from edge_vlm.cli import main as cli_main
 from edge_vlm.config import load_settings
+from edge_vlm.errors import ModelMismatchError
 from edge_vlm.gguf.testmodels import TinyVLMPaths
 from edge_vlm.resolve import shipped_model_dir
+from edge_vlm.store.fsutil import hash_file
 from tests.test_batch import ROOT, lines, make_images
 
 PROMPTS = ["What shapes are in the image?", "How many shapes are there?"]
@@ -64,7 +67,27 @@ def test_worker_flags_need_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str
     rc = cli_main(["batch", str(tmp_path / "imgs"), "-p", "Q?", "--out",
                    str(tmp_path / "o.jsonl"), "--workers", "2", "--no-progress"])
     assert rc == 2
-    assert "--workers, --threads-per-worker and --gpus-per-worker need --ray" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--workers, --threads-per-worker and --gpus-per-worker need --ray" in err
+
+
+def test_replicas_refuse_model_files_that_differ_from_the_drivers(
+        tiny_paths: TinyVLMPaths, tmp_path: Path) -> None:
+    shipped = identify("default")  # by name: the digests recorded beside the shipped model
+    assert shipped.by_name
+    assert shipped.model_sha256 == hash_file(shipped.model_path)[0]
+    assert verify(shipped) == ("default", None)
+
+    files = identify(tiny_paths.model, tiny_paths.mmproj)  # by path: hashed on the driver
+    assert not files.by_name and files.key != shipped.key
+    model = tmp_path / "model.gguf"
+    shutil.copy(tiny_paths.model, model)
+    moved = identify(model, tiny_paths.mmproj)
+    assert moved.key == files.key  # a copied model keeps old results resumable
+    with model.open("ab") as f:
+        f.write(b"\0")  # the node's copy now differs from the one the driver hashed
+    with pytest.raises(ModelMismatchError, match=r"model file .* has sha256 .* driver"):
+        verify(moved)
 
 
 # -- on a local Ray ----------------------------------------------------------------------
@@ -177,6 +200,31 @@ def test_driver_killed_mid_run_then_resume_adds_exactly_the_missing_lines(
     assert len(new) == len(expected) - len(first)  # exactly the missing lines
     assert {(str(r.path), r.prompt_index) for r in new}.isdisjoint(first)
     assert answers(out) == expected
+
+
+def test_ctrl_c_stops_the_ray_run_resumably(
+        ray_address: str, tiny_paths: TinyVLMPaths, tiny_expected: tuple[Path, Any],
+        tmp_path: Path) -> None:
+    folder, expected = tiny_expected
+    out = tmp_path / "out.jsonl"
+    log = tmp_path / "driver.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen(tiny_command(tiny_paths, folder, out, "--ray", ray_address,
+                                             "--workers", "2", "--threads-per-worker", "1"),
+                                stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 180
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no 2 lines before the driver ended:\n{log.read_text()}")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(120) == 130, log.read_text()
+    assert "continue with the same command and --resume" in log.read_text()
+    got = answers(out)  # whole images only, none twice, each as the local batch wrote it
+    assert 2 <= len(got) < len(expected)
+    assert all(expected[k] == r for k, r in got.items())
+    assert len(got) % 2 == 0
 
 
 def test_a_killed_worker_is_replaced_and_every_line_is_written_once(
