@@ -69,6 +69,12 @@ def test_worker_flags_need_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert rc == 2
     err = capsys.readouterr().err
     assert "--workers, --threads-per-worker and --gpus-per-worker need --ray" in err
+    # `--ray INPUT`: argparse reads the folder as the cluster address; say so
+    rc = cli_main(["batch", "--ray", str(tmp_path / "imgs"), str(tmp_path / "more"), "-p", "Q?",
+                   "--out",
+                   str(tmp_path / "o.jsonl"), "--no-progress"])
+    assert rc == 2
+    assert "put --ray after the inputs" in capsys.readouterr().err
 
 
 def test_replicas_refuse_model_files_that_differ_from_the_drivers(

@@ -94,6 +94,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BatchInputError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.temperature is not None and not 0.0 <= args.temperature <= 2.0:
         raise BatchInputError(f"--temperature must be between 0 and 2, got {args.temperature}")
+    if args.ray not in (None, "local", "auto") and ":" not in args.ray:
+        # `--ray photos/ ...`: argparse took the first input as the optional ADDRESS
+        raise BatchInputError(
+            f"--ray ADDRESS got {args.ray!r}, which is not a Ray address (auto, "
+            "ray://host:10001, host:6379); for a local Ray put --ray after the inputs, or "
+            "write --ray=ADDRESS")
     if args.ray is None and (args.workers is not None or args.threads_per_worker is not None
                              or args.gpus_per_worker is not None):
         raise BatchInputError("--workers, --threads-per-worker and --gpus-per-worker need "
