@@ -7,8 +7,10 @@ items = discover(["photos/"], recursive=True)
 for r in run(items, ["Describe the image."], out="captions.jsonl", resume=True,
              options=BatchOptions(max_tokens=64)):          # engine="local"
     print(r.path, r.answer if r.ok else r.error)
-# the same on Ray Data (pip install 'edge-vlm[ray]'): a local Ray, or ray=RayOptions("auto")
-run(items, [...], out=..., engine="ray", ray=RayOptions(workers=4, threads_per_worker=2))
+# the same on Ray Data (pip install 'edge-vlm[ray]'): a local Ray, or RayOptions("auto")
+for r in run(items, ["Describe the image."], out="captions.jsonl", resume=True,
+             engine="ray", ray=RayOptions(workers=4, threads_per_worker=2)):
+    print(r.path, r.answer if r.ok else r.error)
 ```
 
 With a model already loaded, :func:`batch` (or ``vlm.batch(...)``) runs the local engine.
