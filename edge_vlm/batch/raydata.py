@@ -23,6 +23,7 @@ import base64
 import logging
 import os
 import pickle
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -30,11 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_vlm import errors
 from edge_vlm.batch.inputs import BatchInputError, BatchItem
 from edge_vlm.batch.options import Plan, prompts_of
 from edge_vlm.batch.output import ResultWriter
 from edge_vlm.batch.results import BatchError, BatchResult
 from edge_vlm.batch.runner import ImageInput, answer_image, read_input
+from edge_vlm.errors import EdgeVLMError
 
 if TYPE_CHECKING:
     from edge_vlm.api import VLM
@@ -206,10 +209,32 @@ def _stream(ray: Any, items: list[BatchItem], todo: list[int], base: tuple[str, 
     try:
         for row in it:
             yield int(row["i"]), pickle.loads(row["results"])
+    except ray.exceptions.RayError as err:
+        raise _edge_error(err) from None
     finally:
         close = getattr(it, "close", None)
         if close is not None:
             close()
+
+
+class RayRunError(EdgeVLMError):
+    """The Ray run failed as a whole (the results written so far stay; ``--resume``)."""
+
+
+def _edge_error(err: Exception) -> EdgeVLMError:
+    """The edge-vlm error a replica raised (e.g. a model file differing from the
+    driver's), from the text of the Ray error wrapping it; else a :class:`RayRunError`."""
+    text = str(err)
+    found = re.findall(r"edge_vlm\.[\w.]*\.(\w+Error): (.+)", text)
+    if found:
+        name, message = found[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, EdgeVLMError):
+            return cls(message.strip())
+        return RayRunError(message.strip())
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return RayRunError(f"the Ray run failed ({type(err).__name__}: {first}); the results "
+                       "written so far are kept: fix the cause and run again with --resume")
 
 
 def image_policy(settings: Settings) -> ImagePolicy:
