@@ -376,35 +376,16 @@ class VLM:
 
     # -- batch -----------------------------------------------------------------------
 
-    def batch(
-        self,
-        items: Iterable[Any],
-        prompts: Sequence[str] = (),
-        *,
-        system: str | None = None,
-        schema: dict[str, Any] | None = None,
-        conversation: bool = False,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        seed: int | None = None,
-        detail: Literal["auto", "low", "high"] | None = None,
-        out: str | Path | None = None,
-        resume: bool = False,
-        overwrite: bool = False,
-        stop: threading.Event | None = None,
-    ) -> Iterator[Any]:
+    def batch(self, items: Iterable[Any], prompts: Sequence[str] = (),
+              **kwargs: Any) -> Iterator[Any]:
         """Ask every prompt about every image, one image at a time; yields ``BatchResult``s.
 
-        Each image is encoded once however many prompts are asked about it. With ``out``,
-        results are appended to a JSONL file line by line (``resume`` skips what it holds).
-        See :func:`edge_vlm.batch.runner.batch` for every argument.
+        A shortcut for :func:`edge_vlm.batch.runner.batch` with this model (every keyword
+        is that function's: ``out``, ``resume``, ``max_tokens``, ``schema``, ...).
         """
-        from edge_vlm.batch.runner import batch
+        from edge_vlm.batch.runner import batch  # batch builds on this API, not the reverse
 
-        return batch(self, items, prompts, system=system, schema=schema,
-                     conversation=conversation, max_tokens=max_tokens, temperature=temperature,
-                     seed=seed, detail=detail, out=out, resume=resume, overwrite=overwrite,
-                     stop=stop)
+        return batch(self, items, prompts, **kwargs)
 
     # -- request preparation ---------------------------------------------------------
 

@@ -1,14 +1,19 @@
 """Batch runs: many images, several prompts each, results as JSON lines, resumable.
 
 ```python
-import edge_vlm
-from edge_vlm.batch import batch, discover
+from edge_vlm.batch import BatchOptions, RayOptions, discover, run
 
-with edge_vlm.load("default") as vlm:
-    items = discover(["photos/"], recursive=True)
-    for r in batch(vlm, items, ["Describe the image."], out="captions.jsonl", resume=True):
-        print(r.path, r.answer if r.ok else r.error)
+items = discover(["photos/"], recursive=True)
+for r in run(items, ["Describe the image."], out="captions.jsonl", resume=True,
+             options=BatchOptions(max_tokens=64)):          # engine="local"
+    print(r.path, r.answer if r.ok else r.error)
+# the same on Ray Data (pip install 'edge-vlm[ray]'): a local Ray, or RayOptions("auto")
+for r in run(items, ["Describe the image."], out="captions.jsonl", resume=True,
+             engine="ray", ray=RayOptions(workers=4, threads_per_worker=2)):
+    print(r.path, r.answer if r.ok else r.error)
 ```
+
+With a model already loaded, :func:`batch` (or ``vlm.batch(...)``) runs the local engine.
 
 The names below are imported lazily, so ``edge-vlm --help`` does not pay for Pillow.
 """
@@ -19,15 +24,22 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from edge_vlm.batch.bench import BenchmarkResult, benchmark
+    from edge_vlm.batch.engines import run
     from edge_vlm.batch.inputs import BatchInputError, BatchItem, discover, read_manifest
+    from edge_vlm.batch.options import BatchOptions
     from edge_vlm.batch.output import BatchOutputError, ResultWriter
-    from edge_vlm.batch.runner import BatchError, BatchResult, batch
+    from edge_vlm.batch.raydata import RayOptions
+    from edge_vlm.batch.results import BatchError, BatchResult
+    from edge_vlm.batch.runner import batch
     from edge_vlm.batch.summary import BatchSummary, Tally
 
 _LAZY = {
+    "run": "edge_vlm.batch.engines",
     "batch": "edge_vlm.batch.runner",
-    "BatchResult": "edge_vlm.batch.runner",
-    "BatchError": "edge_vlm.batch.runner",
+    "BatchOptions": "edge_vlm.batch.options",
+    "RayOptions": "edge_vlm.batch.raydata",
+    "BatchResult": "edge_vlm.batch.results",
+    "BatchError": "edge_vlm.batch.results",
     "BatchItem": "edge_vlm.batch.inputs",
     "BatchInputError": "edge_vlm.batch.inputs",
     "discover": "edge_vlm.batch.inputs",
@@ -41,9 +53,9 @@ _LAZY = {
 }
 
 __all__ = [
-    "BatchError", "BatchInputError", "BatchItem", "BatchOutputError", "BatchResult",
-    "BatchSummary", "BenchmarkResult", "ResultWriter", "Tally", "batch", "benchmark",
-    "discover", "read_manifest",
+    "BatchError", "BatchInputError", "BatchItem", "BatchOptions", "BatchOutputError",
+    "BatchResult", "BatchSummary", "BenchmarkResult", "RayOptions", "ResultWriter", "Tally",
+    "batch", "benchmark", "discover", "read_manifest", "run",
 ]
 
 

@@ -23,6 +23,9 @@ examples:
   edge-vlm batch scans/ --recursive -p "Extract the fields." --schema form.json \\
       --out forms.jsonl
   edge-vlm batch manifest.csv --out answers.jsonl --resume
+  edge-vlm batch archive/ -r -p "Describe the image." --out captions.jsonl \\
+      --ray --workers 4 --threads-per-worker 2
+  edge-vlm batch archive/ -r -p "Describe the image." --out captions.jsonl --ray auto
 
 Each prompt is a fresh conversation about the image (--conversation: consecutive turns of
 one conversation); an image is encoded once however many prompts are asked about it.
@@ -30,6 +33,9 @@ Every answer is one JSON line: path, image_sha256, prompt, prompt_index, answer 
 the parsed JSON with --schema), finish_reason, usage, timings, model, settings, key, error.
 --resume skips the answers already in the results file and retries the failed ones.
 Ctrl+C stops after the current answer (twice: at once).
+--ray runs the same batch on Ray Data (pip install 'edge-vlm[ray]'): alone, a local Ray on
+this machine; with an ADDRESS (auto, ray://host:10001), an existing cluster whose nodes
+hold edge-vlm, the model and the images. This process writes the results file either way.
 """
 
 
@@ -67,6 +73,17 @@ def add_parser(subparsers: Any, add_model_flags: Callable[[argparse.ArgumentPars
                    help="continue a stopped run: skip answers already in --out, retry failed ones")
     p.add_argument("--overwrite", action="store_true", help="empty an existing --out first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray Data: a local Ray (no ADDRESS), or a cluster "
+                        "(auto, ray://host:10001); needs the 'ray' extra")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="with --ray: model replicas (default 1)")
+    p.add_argument("--threads-per-worker", type=int, metavar="T",
+                   help="with --ray: llama.cpp threads and Ray CPUs per replica (default: "
+                        "--threads, else this machine's cores shared by the workers)")
+    p.add_argument("--gpus-per-worker", type=float, metavar="G",
+                   help="with --ray: GPUs reserved per replica (0.25: four share one GPU; "
+                        "default 0)")
     add_model_flags(p)
 
 
@@ -77,20 +94,30 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BatchInputError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.temperature is not None and not 0.0 <= args.temperature <= 2.0:
         raise BatchInputError(f"--temperature must be between 0 and 2, got {args.temperature}")
+    if args.ray not in (None, "local", "auto") and ":" not in args.ray:
+        # `--ray photos/ ...`: argparse took the first input as the optional ADDRESS
+        raise BatchInputError(
+            f"--ray ADDRESS got {args.ray!r}, which is not a Ray address (auto, "
+            "ray://host:10001, host:6379); for a local Ray put --ray after the inputs, or "
+            "write --ray=ADDRESS")
+    if args.ray is None and (args.workers is not None or args.threads_per_worker is not None
+                             or args.gpus_per_worker is not None):
+        raise BatchInputError("--workers, --threads-per-worker and --gpus-per-worker need "
+                              "--ray")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``edge-vlm batch``; returns the exit code."""
-    import edge_vlm
+    from edge_vlm.batch.engines import run
     from edge_vlm.batch.inputs import (
         BatchInputError,
         discover,
         read_prompts_file,
         read_schema_file,
     )
+    from edge_vlm.batch.options import BatchOptions
     from edge_vlm.batch.output import ResultWriter
     from edge_vlm.batch.progress import BatchProgress
-    from edge_vlm.batch.runner import batch
     from edge_vlm.config import load_settings
 
     _check_flags(args)
@@ -108,25 +135,37 @@ def main(args: argparse.Namespace) -> int:
     from edge_vlm.flags import model_overrides
 
     settings = load_settings(model_overrides(args))
+    options = BatchOptions(system=args.system, schema=schema, conversation=args.conversation,
+                           max_tokens=args.max_tokens, temperature=args.temperature,
+                           seed=args.seed, detail=args.detail)
+    ray_options = None
+    if args.ray is not None:
+        from edge_vlm.batch.raydata import RayOptions, import_ray
+
+        import_ray()  # before the results file is touched
+        ray_options = RayOptions(address=None if args.ray == "local" else args.ray,
+                                 workers=args.workers or 1,
+                                 threads_per_worker=args.threads_per_worker,
+                                 gpus_per_worker=args.gpus_per_worker or 0.0,
+                                 quiet=not settings.runtime.verbose)
 
     err = sys.stderr
     with ResultWriter.open(args.out, resume=args.resume, overwrite=args.overwrite) as writer:
         if writer.kept or writer.dropped or writer.truncated:
             print(_resume_note(writer), file=err)
-        with edge_vlm.load(args.model or settings.model.default,
-                           args.mmproj or settings.model.mmproj, settings=settings) as vlm:
-            stop = threading.Event()
-            progress = BatchProgress(len(items), enabled=not args.no_progress)
-            with _StopOnSigint(stop, err), progress:
-                try:
-                    for result in batch(vlm, items, prompts, system=args.system, schema=schema,
-                                        conversation=args.conversation,
-                                        max_tokens=args.max_tokens,
-                                        temperature=args.temperature, seed=args.seed,
-                                        out=writer, stop=stop):
-                        progress.update(result)
-                except KeyboardInterrupt:
-                    stop.set()
+        stop = threading.Event()
+        results = run(items, prompts, model=args.model, mmproj=args.mmproj, settings=settings,
+                      options=options, out=writer, stop=stop,
+                      engine="local" if ray_options is None else "ray", ray=ray_options)
+        progress = BatchProgress(len(items), enabled=not args.no_progress)
+        with _StopOnSigint(stop, err), progress:
+            try:
+                for result in results:
+                    progress.update(result)
+            except KeyboardInterrupt:
+                stop.set()
+            finally:
+                results.close()
     summary = progress.summary
     summary.interrupted = stop.is_set() and summary.images_remaining > 0
     print(f"edge-vlm batch: {summary.describe()}", file=err)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 #: Bumped when the key recipe changes: old output files then simply do not match.
-KEY_VERSION = 1
-_CHUNK = 1 << 20
+#: (2: the model is identified by its files' full SHA-256, not a sampled fingerprint.)
+KEY_VERSION = 2
 
 
 def bytes_digest(data: bytes) -> str:
@@ -25,23 +23,14 @@ def bytes_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_fingerprint(*paths: str | os.PathLike[str]) -> str:
-    """A content identity of model files: size and the first and last MiB of each.
+def model_key(model_sha256: str, mmproj_sha256: str) -> str:
+    """The content identity of a model pair, from the files' SHA-256 (the store's manifest
+    records them; :mod:`edge_vlm.batch.identity` finds or computes them).
 
-    Unlike the engine's cache fingerprint it leaves out the path and mtime, so copying the
-    model elsewhere keeps old results resumable.
+    It leaves out paths and dates, so a model copied elsewhere, or installed on another
+    node of a cluster, keeps old results resumable.
     """
-    h = hashlib.sha256()
-    for raw in paths:
-        path = Path(raw)
-        size = path.stat().st_size
-        h.update(f"{size}:".encode())
-        with path.open("rb") as f:
-            h.update(f.read(_CHUNK))
-            if size > _CHUNK:
-                f.seek(-_CHUNK, os.SEEK_END)
-                h.update(f.read(_CHUNK))
-    return h.hexdigest()[:32]
+    return _digest([model_sha256, mmproj_sha256])
 
 
 def _digest(value: Any, n: int = 32) -> str:
@@ -61,7 +50,7 @@ def item_key(*, image: str, prompt: str, model: str, settings: str,
     Args:
         image: The image's :func:`bytes_digest` (or ``path:...`` when it is unreadable).
         prompt: The question.
-        model: :func:`model_fingerprint` of the model pair.
+        model: :func:`model_key` of the model pair.
         settings: :func:`settings_digest` of the answer-changing settings.
         history: Earlier prompts of the same conversation (``--conversation``).
     """

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-from edge_vlm.batch.runner import BatchResult
+from edge_vlm.batch.results import BatchResult
 from edge_vlm.batch.summary import BatchSummary, Tally
 
 

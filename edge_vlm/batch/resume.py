@@ -30,5 +30,14 @@ class ResumeIndex:
         self._count -= 1
         return queue.popleft()
 
+    def has(self, key: str) -> bool:
+        """True when a line for ``key`` is still unused."""
+        return bool(self._done.get(key))
+
+    def keys(self) -> dict[str, Any]:
+        """Each unused key with its first recorded answer (what a Ray worker needs to skip
+        the work, and to continue a resumed conversation)."""
+        return {k: q[0].get("answer") for k, q in self._done.items() if q}
+
     def __len__(self) -> int:
         return self._count

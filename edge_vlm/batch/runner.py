@@ -3,6 +3,9 @@
 All prompts about one image run back to back, so the engine encodes the image once: the
 first prompt encodes it, the next ones find it in the KV prefix (or the embedding cache).
 A bad image or a failed answer becomes an error result and the batch goes on.
+
+:func:`answer_image` is the work on one image; the local engine (:func:`batch`) and every
+Ray worker (:mod:`edge_vlm.batch.raydata`) call it, so both write the same lines.
 """
 
 from __future__ import annotations
@@ -11,114 +14,57 @@ import json
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from edge_vlm.batch.inputs import BatchInputError, BatchItem
-from edge_vlm.batch.keys import bytes_digest, item_key, model_fingerprint, settings_digest
+from edge_vlm.batch.inputs import BatchItem
+from edge_vlm.batch.keys import bytes_digest, item_key
+from edge_vlm.batch.options import BatchOptions, Plan, make_plan, prepare_items, prompts_of
 from edge_vlm.batch.output import ResultWriter
+from edge_vlm.batch.results import BatchError, BatchResult, Status
 from edge_vlm.batch.resume import ResumeIndex
 from edge_vlm.errors import EdgeVLMError, ImageError
-from edge_vlm.images import read_image_source
-from edge_vlm.schema import GenerationStats, Usage
+from edge_vlm.images import ImagePolicy, read_image_source
 
 if TYPE_CHECKING:
     from edge_vlm.api import VLM
 
-Status = Literal["ok", "error", "skipped"]
+__all__ = ["BatchError", "BatchResult", "ImageInput", "Status", "answer_image", "batch",
+           "read_input"]
+
+
+class Recorded(Protocol):
+    """Answers already in the results file, by resume key (a :class:`ResumeIndex`)."""
+
+    def take(self, key: str) -> dict[str, Any] | None:
+        """The recorded line for ``key``; None when the work is still to do."""
 
 
 @dataclass(frozen=True)
-class BatchError:
-    """Why an answer failed: the error class name and a message fit for a person."""
-
-    type: str
-    message: str
-    image: bool = field(default=False, compare=False)
-    """True when the image itself is at fault (every prompt about it fails the same way)."""
-
-
-@dataclass
-class BatchResult:
-    """One answer of a batch, or one skipped because the results file already holds it.
+class ImageInput:
+    """An image as :func:`answer_image` needs it, read beforehand.
 
     Attributes:
-        path: The image file, as named in the inputs.
-        image_index: Position of the image in the batch (0-based).
-        prompt_index: Position of the prompt among the image's prompts (the turn, with
-            ``conversation``).
-        last_for_image: True on the image's last prompt.
-        image_sha256: SHA-256 of the file's bytes (None when it could not be read).
-        prompt: The question.
-        status: ``ok``, ``error`` or ``skipped`` (already in the results file).
-        answer: The text, or the parsed JSON value with a schema.
-        text: The answer exactly as generated.
-        finish_reason: ``stop``, ``length`` or ``cancelled``.
-        usage: Token counts.
-        timings: The engine's stats of this answer.
-        model: The model's name.
-        settings: Hash of the answer-changing settings.
-        key: The resume key.
-        error: What went wrong, for ``error`` results.
-        recorded: For ``skipped`` results, the line found in the results file.
+        url: What the chat request names: the file's absolute path (local) or a ``data:``
+            URL of its bytes (Ray workers, which may not see the driver's files).
+        sha256: SHA-256 of the file's bytes; None when it could not be read.
+        error: Why it could not be read.
     """
 
-    path: Path
-    image_index: int
-    prompt_index: int
-    last_for_image: bool
-    image_sha256: str | None
-    prompt: str
-    status: Status
-    model: str
-    settings: str
-    key: str
-    answer: Any = None
-    text: str | None = None
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    timings: GenerationStats | None = None
+    url: str
+    sha256: str | None
     error: BatchError | None = None
-    recorded: dict[str, Any] | None = field(default=None, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        """True unless the answer failed."""
-        return self.status != "error"
-
-    def record(self) -> dict[str, Any]:
-        """The results-file line of this answer."""
-        if self.recorded is not None:
-            return self.recorded
-        return {
-            "path": str(self.path),
-            "image_sha256": self.image_sha256,
-            "prompt": self.prompt,
-            "prompt_index": self.prompt_index,
-            "answer": self.answer,
-            "finish_reason": self.finish_reason,
-            "usage": self.usage.model_dump() if self.usage else None,
-            "timings": self.timings.model_dump() if self.timings else None,
-            "model": self.model,
-            "settings": self.settings,
-            "key": self.key,
-            "error": ({"type": self.error.type, "message": self.error.message}
-                      if self.error else None),
-        }
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """Everything fixed for the whole batch."""
-
-    system: str | None
-    schema: dict[str, Any] | None
-    conversation: bool
-    detail: str | None
-    fields: dict[str, Any]
-    model_id: str
-    settings: str
+def read_input(item: BatchItem, policy: ImagePolicy) -> tuple[ImageInput, bytes | None]:
+    """Read an image file under ``policy``: its :class:`ImageInput` (naming the file by
+    path) and its bytes (None when unreadable: the error is in the input)."""
+    url = os.path.abspath(item.path)
+    try:
+        data, _ = read_image_source(url, policy, "image")
+    except ImageError as err:
+        return ImageInput(url, None, _error(err)), None
+    return ImageInput(url, bytes_digest(data)), data
 
 
 def batch(
@@ -126,36 +72,25 @@ def batch(
     items: Iterable[str | os.PathLike[str] | BatchItem],
     prompts: Sequence[str] = (),
     *,
-    system: str | None = None,
-    schema: dict[str, Any] | None = None,
-    conversation: bool = False,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    seed: int | None = None,
-    detail: Literal["auto", "low", "high"] | None = None,
+    options: BatchOptions | None = None,
     out: str | os.PathLike[str] | ResultWriter | None = None,
     resume: bool = False,
     overwrite: bool = False,
     stop: threading.Event | None = None,
+    **option_fields: Any,
 ) -> Iterator[BatchResult]:
-    """Ask every prompt about every image, one image at a time.
+    """Ask every prompt about every image with a loaded model, one image at a time.
 
     Each prompt is a fresh conversation (system message, the image, the prompt) sharing the
     encoded image; with ``conversation`` the prompts are consecutive turns of one
-    conversation per image.
+    conversation per image. :func:`edge_vlm.batch.run` does the same on Ray.
 
     Args:
         vlm: A loaded model.
         items: Image paths, or :class:`BatchItem` with prompts of their own (asked after
             ``prompts``). See :func:`~edge_vlm.batch.discover` for folders and manifests.
         prompts: Questions asked of every image.
-        system: A system message for every conversation.
-        schema: Constrain answers to this JSON schema; ``answer`` is then the parsed value.
-        conversation: Ask an image's prompts as consecutive turns of one conversation.
-        max_tokens: Most tokens per answer (default from the settings).
-        temperature: 0 is greedy (default from the settings).
-        seed: Sampling seed.
-        detail: Image detail (default from the settings).
+        options: How to ask (:class:`~edge_vlm.batch.options.BatchOptions`).
         out: A ``.jsonl`` path or an open :class:`ResultWriter`: each result is appended
             as one line, durably, before it is yielded. A path is opened when iteration
             starts.
@@ -164,6 +99,8 @@ def batch(
         overwrite: With ``out``: empty an existing file first.
         stop: Set it (from a signal handler or another thread) to stop after the current
             answer.
+        **option_fields: :class:`~edge_vlm.batch.options.BatchOptions` fields given one
+            by one (``max_tokens=8``), applied over ``options``.
 
     Returns:
         An iterator of results in order, one per (image, prompt).
@@ -171,58 +108,23 @@ def batch(
     Raises:
         BatchInputError: at once, before any work: no prompts for an image, an empty
             prompt, or a schema llama.cpp cannot turn into a grammar.
+        TypeError: an unknown option.
     """
-    todo = [it if isinstance(it, BatchItem) else BatchItem(Path(it)) for it in items]
-    base = _clean_prompts(prompts, "prompt")
-    for item in todo:
-        if not base and not item.prompts:
-            raise BatchInputError(f"no prompt for image '{item.path}': give --prompt TEXT, "
-                                  "--prompts-file FILE, or a prompt column in the manifest")
-        _clean_prompts(item.prompts, f"prompt of image '{item.path}'")
-    if schema is not None:
-        _check_schema(schema)
-    s = vlm.settings
-    fields = {k: v for k, v in {
-        "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
-        "response_format": None if schema is None else {
-            "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
-    }.items() if v is not None}
-    options = {
-        "system": system, "schema": schema, "conversation": conversation,
-        "max_tokens": max_tokens or s.sampling.max_tokens,
-        "temperature": temperature if temperature is not None else s.sampling.temperature,
-        "seed": seed, "top_p": s.sampling.top_p, "top_k": s.sampling.top_k,
-        "min_p": s.sampling.min_p, "repeat_penalty": s.sampling.repeat_penalty,
-        "detail": detail or s.images.detail, "max_side": s.images.max_side,
-    }
-    plan = _Plan(system=system, schema=schema, conversation=conversation, detail=detail,
-                 fields=fields,
-                 model_id=model_fingerprint(vlm.info.model_path, vlm.info.mmproj_path),
-                 settings=settings_digest(options))
+    from edge_vlm.batch.identity import recorded_digests
+    from edge_vlm.batch.keys import model_key
+    from edge_vlm.store.fsutil import hash_file
+
+    opts = BatchOptions.of(options, option_fields)
+    todo, base = prepare_items(items, prompts)
+    info = vlm.info
+    model_sha, mmproj_sha = recorded_digests(vlm.name, info.model_path, info.mmproj_path)
+    model_id = model_key(model_sha or hash_file(info.model_path)[0],
+                         mmproj_sha or hash_file(info.mmproj_path)[0])
+    plan = make_plan(opts, vlm.settings, model_id)
     return _run(vlm, todo, base, plan, out, resume, overwrite, stop)
 
 
-def _clean_prompts(prompts: Sequence[str], what: str) -> tuple[str, ...]:
-    if isinstance(prompts, str):
-        raise BatchInputError(f"{what}s must be a list of strings, not one string")
-    for p in prompts:
-        if not isinstance(p, str) or not p.strip():
-            raise BatchInputError(f"{what} {p!r} is empty; every prompt needs some text")
-    return tuple(prompts)
-
-
-def _check_schema(schema: dict[str, Any]) -> None:
-    if not isinstance(schema, dict):
-        raise BatchInputError(f"the schema must be a JSON object, got {type(schema).__name__}")
-    from edge_vlm.backend import json_schema_grammar  # the model is loaded: already imported
-
-    try:
-        json_schema_grammar(schema)
-    except EdgeVLMError as err:
-        raise BatchInputError(f"--schema: {err.message}") from None
-
-
-def _run(vlm: VLM, items: list[BatchItem], base: tuple[str, ...], plan: _Plan,
+def _run(vlm: VLM, items: list[BatchItem], base: tuple[str, ...], plan: Plan,
          out: str | os.PathLike[str] | ResultWriter | None, resume: bool, overwrite: bool,
          stop: threading.Event | None) -> Iterator[BatchResult]:
     owned = out is not None and not isinstance(out, ResultWriter)
@@ -230,11 +132,11 @@ def _run(vlm: VLM, items: list[BatchItem], base: tuple[str, ...], plan: _Plan,
         ResultWriter.open(out, resume=resume, overwrite=overwrite))
     try:
         index = writer.index if writer is not None else ResumeIndex()
+        policy = vlm.image_policy()
         for i, item in enumerate(items):
-            prompts = base + item.prompts
-            if not plan.conversation:
-                prompts = tuple(dict.fromkeys(prompts))
-            for result in _image(vlm, i, item, prompts, plan, index, stop):
+            image, _ = read_input(item, policy)
+            for result in answer_image(vlm, i, item, prompts_of(item, base, plan), plan, image,
+                                       index, stop):
                 if writer is not None and result.status != "skipped":
                     writer.write(result.record())
                 yield result
@@ -245,32 +147,38 @@ def _run(vlm: VLM, items: list[BatchItem], base: tuple[str, ...], plan: _Plan,
             writer.close()
 
 
-def _image(vlm: VLM, i: int, item: BatchItem, prompts: tuple[str, ...], plan: _Plan,
-           index: ResumeIndex, stop: threading.Event | None) -> Iterator[BatchResult]:
-    url = os.path.abspath(item.path)
-    sha: str | None = None
-    image_error: BatchError | None = None
-    try:
-        data, _ = read_image_source(url, vlm.image_policy(), "image")
-        sha = bytes_digest(data)
-        del data
-    except ImageError as err:
-        image_error = _error(err)
+def answer_image(vlm: VLM, i: int, item: BatchItem, prompts: tuple[str, ...], plan: Plan,
+                 image: ImageInput, recorded: Recorded,
+                 stop: threading.Event | None = None) -> Iterator[BatchResult]:
+    """Ask one image's prompts, skipping what ``recorded`` holds; the image is encoded once.
+
+    Args:
+        vlm: The loaded model.
+        i: The image's position in the batch.
+        item: The image and its own prompts.
+        prompts: Every prompt asked of it (:func:`~edge_vlm.batch.options.prompts_of`).
+        plan: The batch's fixed choices.
+        image: The image, already read (:func:`read_input`).
+        recorded: Answers already in the results file.
+        stop: Set: return before the next answer.
+    """
+    sha = image.sha256
+    image_error = image.error
     history: list[tuple[str, str]] = []  # (prompt, answer text) of earlier turns
     failed_turn: int | None = None
     for t, prompt in enumerate(prompts):
-        key = item_key(image=sha or f"path:{url}", prompt=prompt, model=plan.model_id,
-                       settings=plan.settings,
+        key = item_key(image=sha or f"path:{os.path.abspath(item.path)}", prompt=prompt,
+                       model=plan.model_id, settings=plan.settings,
                        history=prompts[:t] if plan.conversation else ())
         common: dict[str, Any] = dict(
             path=item.path, image_index=i, prompt_index=t, last_for_image=t == len(prompts) - 1,
             image_sha256=sha, prompt=prompt, model=vlm.name, settings=plan.settings, key=key)
-        recorded = index.take(key)
-        if recorded is not None:
+        done = recorded.take(key)
+        if done is not None:
             if plan.conversation:
-                history.append((prompt, _as_text(recorded.get("answer"))))
-            yield BatchResult(status="skipped", answer=recorded.get("answer"),
-                              finish_reason=recorded.get("finish_reason"), recorded=recorded,
+                history.append((prompt, _as_text(done.get("answer"))))
+            yield BatchResult(status="skipped", answer=done.get("answer"),
+                              finish_reason=done.get("finish_reason"), recorded=done,
                               **common)
             continue
         if stop is not None and stop.is_set():
@@ -283,7 +191,7 @@ def _image(vlm: VLM, i: int, item: BatchItem, prompts: tuple[str, ...], plan: _P
                 "EarlierTurnFailed", f"turn {failed_turn + 1} of this conversation failed, "
                 "so this turn was not asked"), **common)
             continue
-        result = _ask(vlm, url, prompt, history, plan, common)
+        result = _ask(vlm, image.url, prompt, history, plan, common)
         if result.error is not None:
             if result.error.image:
                 image_error = result.error  # the other prompts would fail the same way
@@ -295,7 +203,7 @@ def _image(vlm: VLM, i: int, item: BatchItem, prompts: tuple[str, ...], plan: _P
 
 
 def _messages(url: str, prompt: str, history: list[tuple[str, str]],
-              plan: _Plan) -> list[dict[str, Any]]:
+              plan: Plan) -> list[dict[str, Any]]:
     image: dict[str, Any] = {"url": url}
     if plan.detail:
         image["detail"] = plan.detail
@@ -314,7 +222,7 @@ def _messages(url: str, prompt: str, history: list[tuple[str, str]],
     return messages
 
 
-def _ask(vlm: VLM, url: str, prompt: str, history: list[tuple[str, str]], plan: _Plan,
+def _ask(vlm: VLM, url: str, prompt: str, history: list[tuple[str, str]], plan: Plan,
          common: dict[str, Any]) -> BatchResult:
     try:
         reply = vlm.chat(_messages(url, prompt, history, plan), **plan.fields)

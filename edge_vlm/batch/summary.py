@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from edge_vlm.batch.runner import BatchResult
+from edge_vlm.batch.results import BatchResult
 
 
 @dataclass
