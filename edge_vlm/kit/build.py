@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from edge_vlm.kit import installer
 from edge_vlm.kit.wheels import (
     KitBuildError,
+    KitUsageError,
     Wheel,
     backends,
     build_edge_wheel,
@@ -101,9 +102,9 @@ def parse_pythons(text: str | None) -> list[str]:
     for v in (p.strip() for p in text.split(",")):
         m = _PY_VERSION.match(v)
         if not m:
-            raise KitBuildError(f"--python {v!r} is not a Python version like 3.12")
+            raise KitUsageError(f"--python {v!r} is not a Python version like 3.12")
         if int(m.group(1)) < 11:
-            raise KitBuildError(f"--python {v}: edge-vlm needs Python 3.11 or newer")
+            raise KitUsageError(f"--python {v}: edge-vlm needs Python 3.11 or newer")
         if v not in out:
             out.append(v)
     return out
@@ -115,8 +116,10 @@ def _supports(tags: tuple[str, ...], python: str) -> bool:
     for tag in tags:
         interp, abi, _plat = tag.split("-")
         for i in interp.split("."):
-            if i in {"py3", f"py{nodot}", f"cp{nodot}"} and (
-                    abi in {"none", f"cp{nodot}"} or (abi == "abi3" and i.startswith("cp"))):
+            if abi == "abi3":  # the stable ABI: built for cp3X, loads on 3.X and later
+                if i.startswith("cp3") and i[3:].isdigit() and int(i[3:]) <= int(nodot[1:]):
+                    return True
+            elif i in {"py3", f"py{nodot}", f"cp{nodot}"} and abi in {"none", f"cp{nodot}"}:
                 return True
     return False
 
@@ -279,7 +282,7 @@ def build_kit(out: Path, *, models: list[str] | None = None, extras: list[str] |
     extras = sorted({e.strip() for e in extras or [] if e.strip()})
     wanted = list(dict.fromkeys(n.strip().lower() for n in (models or ["default"])))
     if out.exists() and not force:
-        raise KitBuildError(f"{out} already exists: choose another folder, or pass --force "
+        raise KitUsageError(f"{out} already exists: choose another folder, or pass --force "
                             "to replace it")
     try:
         llama_dist = metadata.distribution(LLAMA)

@@ -39,6 +39,12 @@ class KitBuildError(EdgeVLMError):
     """A kit cannot be built; the message says why and what to do."""
 
 
+class KitUsageError(KitBuildError):
+    """The build was asked for something impossible (bad version, existing folder)."""
+
+    exit_code = 2
+
+
 @dataclass(frozen=True)
 class Wheel:
     """A wheel written into a kit.
