@@ -403,9 +403,7 @@ def _catalog_hint(name: str) -> str:
         return ""
     return (
         f"model '{name}' is not installed: pull it with `edge-vlm models pull {name}` "
-        f"(needs network), or copy {entry.repo} files {entry.default_file().file} and "
-        f"{entry.mmproj.file} from a connected machine and run `edge-vlm models import "
-        f"{entry.default_file().file} --mmproj {entry.mmproj.file} --name {name}`"
+        f"(needs network), or {entry.how_to_get(name)}"
     )
 
 
