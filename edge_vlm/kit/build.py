@@ -220,6 +220,15 @@ def _collect(requirement: str, wheels: Path, pythons: list[str], steps: Steps) -
     constraints.unlink(missing_ok=True)
 
 
+def _check_llama_kept(wheels: Path, ours: Path, sha: str) -> None:
+    """The kit must carry the repacked build, not a llama-cpp-python pip found elsewhere."""
+    found = sorted(wheels.glob("llama_cpp_python-*.whl"))
+    if found != [ours] or installer.sha256_file(ours) != sha:
+        names = ", ".join(p.name for p in found)
+        raise KitBuildError(f"pip brought another {LLAMA} wheel ({names}) beside the one "
+                            "repacked from this install; the kit would not carry this build")
+
+
 def _write_sums(root: Path, steps: Steps) -> None:
     files = installer.kit_files(root)
     steps.step("SHA256SUMS", sum((root / r).stat().st_size for r in files))
@@ -313,7 +322,9 @@ def build_kit(out: Path, *, models: list[str] | None = None, extras: list[str] |
         steps.step("building the edge-vlm wheel")
         edge_wheel = build_edge_wheel(wheels, steps.note)
         requirement = f"{edge_wheel}[{','.join(extras)}]" if extras else str(edge_wheel)
+        llama_sha = installer.sha256_file(llama.path)
         _collect(requirement, wheels, pythons, steps)
+        _check_llama_kept(wheels, llama.path, llama_sha)
         entries: list[dict[str, Any]] = []
         if any(n in DEFAULT_NAMES for n in wanted):
             entries.append(_shipped_entry(edge_wheel))
