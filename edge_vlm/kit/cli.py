@@ -80,8 +80,14 @@ class _Bars:
 
         self.live = live
         self.console = Console(stderr=True)
+        class Bytes(DownloadColumn):
+            """Bytes done / total, for the steps that count bytes only."""
+
+            def render(self, task: Any) -> Any:
+                return super().render(task) if task.fields.get("counted") else ""
+
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                 DownloadColumn(), TimeElapsedColumn(),
+                                 Bytes(), TimeElapsedColumn(),
                                  TextColumn("[dim]{task.fields[note]}"), console=self.console,
                                  disable=not live)
         self.task: Any = None
@@ -104,7 +110,8 @@ class _Bars:
     def step(self, label: str, total: int | None = None) -> None:
         self._done()
         self.label = label
-        self.task = self.progress.add_task(label, total=total, note="")
+        self.task = self.progress.add_task(label, total=total, note="",
+                                           counted=total is not None)
         if not self.live:
             print(f"kit: {label}", file=sys.stderr, flush=True)
 
@@ -146,10 +153,12 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         kit = read_kit(root)
         with _Bars(sys.stderr.isatty()) as bars:
+            total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+            bars.step(f"checking {root.name}", total)
+
             def on_file(rel: str, size: int) -> None:
-                bars.step(rel, size)
                 bars.advance(size)
-            result = check_integrity(root, on_file if bars.live else None)
+            result = check_integrity(root, on_file)
     except KitError as err:
         raise KitInputError(err.message) from None
     for line in result.lines():

@@ -136,7 +136,7 @@ def check_integrity(root: Path, on_file: Any | None = None) -> Integrity:
 
     Args:
         root: The kit folder.
-        on_file: Called with (relative path, size) before each file is hashed (progress).
+        on_file: Called with (relative path, size) after each file is hashed (progress).
 
     Raises:
         KitError: ``SHA256SUMS`` is missing or malformed.
@@ -156,11 +156,11 @@ def check_integrity(root: Path, on_file: Any | None = None) -> Integrity:
             result.missing.append(rel)
             continue
         path = root / rel
-        if on_file is not None:
-            on_file(rel, path.stat().st_size)
         result.checked.append(rel)
         if sha256_file(path) != digest:
             result.changed.append(rel)
+        if on_file is not None:
+            on_file(rel, path.stat().st_size)
     return result
 
 
