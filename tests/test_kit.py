@@ -209,6 +209,16 @@ def test_kit_for_another_machine_is_refused_before_anything(
     assert not prefix.exists() and not (tmp_path / "home").exists()
 
 
+def test_install_will_not_write_into_a_folder_that_is_not_a_venv(kit: Path,
+                                                                 tmp_path: Path) -> None:
+    prefix = tmp_path / "documents"
+    prefix.mkdir()
+    (prefix / "thesis.txt").write_text("mine")
+    r = _install(kit, prefix, tmp_path)
+    assert r.returncode == 2 and "exists and is not a Python venv" in r.stderr
+    assert [p.name for p in prefix.iterdir()] == ["thesis.txt"]
+
+
 def test_changed_wheel_is_refused_by_install_and_reported_by_verify(
         kit: Path, tmp_path: Path) -> None:
     bad = _copy(kit, tmp_path / "kit")

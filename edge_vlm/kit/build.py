@@ -192,6 +192,17 @@ def _copy_model(name: str, dest: Path, steps: Steps) -> dict[str, Any]:
     return out
 
 
+def _requires_python(wheel: Path) -> str:
+    """``3.11`` from a wheel's ``Requires-Python: >=3.11`` ('' if it says otherwise)."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next((n for n in zf.namelist() if n.endswith(".dist-info/METADATA")), None)
+        text = zf.read(meta).decode("utf-8", "replace") if meta else ""
+    m = re.search(r"^Requires-Python:\s*>=\s*(3\.\d+)\s*$", text, re.M)
+    return m.group(1) if m else ""
+
+
 def _shipped_entry(edge_wheel: Path) -> dict[str, Any]:
     from edge_vlm.resolve import SHIPPED_MODEL
 
@@ -343,6 +354,7 @@ def build_kit(out: Path, *, models: list[str] | None = None, extras: list[str] |
             "edge_vlm": version,
             "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             "python": pythons,
+            "python_min": _requires_python(edge_wheel),
             "implementation": sys.implementation.name,
             "platform": _platform(wheel_files, llama.path),
             "llama_cpp": {"version": llama.version, "wheel": f"wheels/{llama.path.name}",

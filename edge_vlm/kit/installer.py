@@ -228,6 +228,13 @@ def compatibility_problems(kit: dict[str, Any], host: dict[str, Any]) -> list[st
     pythons = kit.get("python", [])
     if host["implementation"] != kit.get("implementation", "cpython"):
         problems.append(f"this kit is for CPython, not {host['implementation']}")
+    elif kit.get("python_min") and version_tuple(host["python"]) < version_tuple(
+            kit["python_min"]):
+        problems.append(
+            f"edge-vlm needs Python {kit['python_min']} or newer and this kit is for Python "
+            f"{' or '.join(pythons) or '?'}, but the Python running it ({sys.executable}) is "
+            f"{host['python']}: install Python {pythons[0] if pythons else kit['python_min']} "
+            "and run install.sh --python /path/to/it")
     elif host["python"] not in pythons:
         problems.append(
             f"this kit is for Python {' or '.join(pythons) or '?'}, but the Python running "
@@ -258,8 +265,14 @@ def read_kit(root: Path) -> dict[str, Any]:
     return kit
 
 
-def check_kit(root: Path, quiet: bool = False) -> dict[str, Any]:
+def check_kit(root: Path, quiet: bool = False,
+              prefix: Path | None = None) -> dict[str, Any]:
     """Everything that can refuse a kit, before anything is touched.
+
+    Args:
+        root: The kit folder.
+        quiet: Do not print what is being checked.
+        prefix: The venv to install into, checked to be new, empty or a venv.
 
     Returns:
         The kit manifest.
@@ -271,6 +284,8 @@ def check_kit(root: Path, quiet: bool = False) -> dict[str, Any]:
     problems = compatibility_problems(kit, host_facts())
     if problems:
         raise KitError("refusing to install: " + "; ".join(problems))
+    if prefix is not None:
+        check_prefix(prefix)
     if not quiet:
         _say(f"checking {len(read_sums(root))} files against {SUMS} ...")
     integrity = check_integrity(root)
@@ -322,7 +337,7 @@ def _run(cmd: list[str], what: str, capture: bool = False) -> str:
     return proc.stdout or ""
 
 
-def _check_prefix(prefix: Path) -> bool:
+def check_prefix(prefix: Path) -> bool:
     """Whether the prefix is an existing venv to reuse (False: it will be created).
 
     Raises:
@@ -344,8 +359,8 @@ def install(root: Path, prefix: Path, self_check: bool = True) -> int:
     Raises:
         KitError: refused (nothing touched) or a step failed (what was made is removed).
     """
-    kit = check_kit(root)
-    reuse = _check_prefix(prefix)
+    kit = check_kit(root, prefix=prefix)
+    reuse = check_prefix(prefix)
     _say(f"kit of edge-vlm {kit['edge_vlm']} for Python {', '.join(kit['python'])} on "
          f"{kit['platform']['system']} {kit['platform']['machine']}, llama.cpp backends "
          f"{', '.join(kit['llama_cpp']['backends'])}: intact")
