@@ -192,13 +192,25 @@ def _copy_model(name: str, dest: Path, steps: Steps) -> dict[str, Any]:
     return out
 
 
-def _requires_python(wheel: Path) -> str:
-    """``3.11`` from a wheel's ``Requires-Python: >=3.11`` ('' if it says otherwise)."""
+def _wheel_metadata(wheel: Path) -> str:
     import zipfile
 
     with zipfile.ZipFile(wheel) as zf:
         meta = next((n for n in zf.namelist() if n.endswith(".dist-info/METADATA")), None)
-        text = zf.read(meta).decode("utf-8", "replace") if meta else ""
+        return zf.read(meta).decode("utf-8", "replace") if meta else ""
+
+
+def _check_extras(wheel: Path, extras: list[str]) -> None:
+    have = re.findall(r"^Provides-Extra:\s*(\S+)\s*$", _wheel_metadata(wheel), re.M)
+    unknown = [e for e in extras if e not in have]
+    if unknown:
+        raise KitUsageError(f"--extras: edge-vlm has no extra {', '.join(unknown)}; it has "
+                            f"{', '.join(have) or 'none'}")
+
+
+def _requires_python(wheel: Path) -> str:
+    """``3.11`` from a wheel's ``Requires-Python: >=3.11`` ('' if it says otherwise)."""
+    text = _wheel_metadata(wheel)
     m = re.search(r"^Requires-Python:\s*>=\s*(3\.\d+)\s*$", text, re.M)
     return m.group(1) if m else ""
 
@@ -332,6 +344,7 @@ def build_kit(out: Path, *, models: list[str] | None = None, extras: list[str] |
         llama: Wheel = repack_installed(LLAMA, wheels, steps.advance)
         steps.step("building the edge-vlm wheel")
         edge_wheel = build_edge_wheel(wheels, steps.note)
+        _check_extras(edge_wheel, extras)
         requirement = f"{edge_wheel}[{','.join(extras)}]" if extras else str(edge_wheel)
         llama_sha = installer.sha256_file(llama.path)
         _collect(requirement, wheels, pythons, steps)
