@@ -358,6 +358,12 @@ default = "Q8_0"
 size_mb = 3
 mmproj_size_mb = 0.4
 
+[models.tiny-auto]
+title = "Tiny VLM, llama.cpp's choice"
+repo = "{LISTED}"
+license = "mit"
+default = "auto"
+
 [models.no-projector]
 title = "A text-only repository"
 repo = "test-org/text-only-GGUF"
@@ -401,6 +407,13 @@ def test_pull_finds_the_files_in_the_repository_list(listed: Hub, capsys) -> Non
     n = len(listed.requests)
     rc, out, _ = cli(capsys, "pull", "tiny-listed")
     assert rc == 0 and "already installed" in out and len(listed.requests) == n
+
+
+def test_auto_pulls_what_llama_cpp_would(listed: Hub, capsys) -> None:
+    rc, _, err = cli(capsys, "pull", "tiny-auto")  # no Q4_K_M there: Q8_0 next
+    assert rc == 0, err
+    m = Store.default().get("tiny-auto")
+    assert m.source["files"]["model"] == "tiny-Q8_0.gguf" and m.source["quant"] == "Q8_0"
 
 
 def test_pull_of_a_quant_the_repository_lacks_lists_those_it_has(listed: Hub, capsys) -> None:

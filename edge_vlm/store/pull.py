@@ -34,6 +34,7 @@ from edge_vlm.store.repofiles import (
     available_quants,
     find_mmproj,
     find_model,
+    quant_bits,
     split_info,
 )
 from edge_vlm.store.store import Store
@@ -198,8 +199,9 @@ def choose_files(entry: CatalogEntry, quant: str | None, files: list[RepoFile],
                          f"{model.path}: it cannot answer about images, so edge-vlm cannot "
                          "use it")
     listed = {f.path: f.sha256 for f in (model, mmproj) if f.sha256}
-    return (CatalogFile(model.path, model.size, None,
-                        want if want != AUTO else split_info(model.path).tag or AUTO),
+    tag = split_info(model.path).tag
+    chosen = want if want != AUTO else (tag if quant_bits(tag) else AUTO)
+    return (CatalogFile(model.path, model.size, None, chosen),
             CatalogFile(mmproj.path, mmproj.size), listed)
 
 
