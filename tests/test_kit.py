@@ -178,6 +178,19 @@ def test_kit_installs_offline_and_the_shipped_model_answers(kit: Path, tmp_path:
     again = _install(kit, prefix, tmp_path, "--no-self-check")
     assert again.returncode == 0, again.stderr
     assert "reusing the venv" in again.stdout
+    # the installed (not editable) edge-vlm builds a kit too: it repacks itself as installed
+    build_env = _env(tmp_path)
+    build_env.pop("PIP_NO_INDEX")
+    rebuilt = subprocess.run([str(edge), "kit", "build", str(tmp_path / "again")],
+                             capture_output=True, text=True, env=build_env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    import zipfile
+
+    names = []
+    for whl in (next((k / "wheels").glob("edge_vlm-*.whl")) for k in (kit, tmp_path / "again")):
+        with zipfile.ZipFile(whl) as zf:
+            names.append({n for n in zf.namelist() if not n.endswith("/RECORD")})
+    assert names[0] == names[1]
 
 
 def test_install_runs_without_network_here() -> None:
@@ -285,7 +298,7 @@ def test_existing_output_and_bad_python_versions_are_refused(tmp_path: Path) -> 
     r = _cli("kit", "build", str(tmp_path / "k2"), "--python", "three")
     assert r.returncode == 2 and "not a Python version" in r.stderr
     r = _cli("kit", "build", str(tmp_path / "k2"), "--extras", "bench,gpu")
-    assert r.returncode == 2 and "edge-vlm has no extra gpu; it has bench, dev, train" in r.stderr
+    assert r.returncode == 2 and "edge-vlm has no extra gpu; it has dev, train, bench" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kit"]
 
 

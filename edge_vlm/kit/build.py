@@ -32,6 +32,7 @@ from edge_vlm.kit.wheels import (
     repack_installed,
     repack_size,
     run_pip,
+    source_tree,
     wheel_tags,
 )
 
@@ -200,8 +201,16 @@ def _wheel_metadata(wheel: Path) -> str:
         return zf.read(meta).decode("utf-8", "replace") if meta else ""
 
 
-def _check_extras(wheel: Path, extras: list[str]) -> None:
-    have = re.findall(r"^Provides-Extra:\s*(\S+)\s*$", _wheel_metadata(wheel), re.M)
+def _check_extras(extras: list[str]) -> None:
+    """Refuse extras edge-vlm does not declare (pip would only warn and leave them out)."""
+    import tomllib
+
+    src = source_tree()
+    if src is not None:
+        project = tomllib.loads((src / "pyproject.toml").read_text(encoding="utf-8"))
+        have = list(project.get("project", {}).get("optional-dependencies", {}))
+    else:
+        have = metadata.metadata("edge-vlm").get_all("Provides-Extra") or []
     unknown = [e for e in extras if e not in have]
     if unknown:
         raise KitUsageError(f"--extras: edge-vlm has no extra {', '.join(unknown)}; it has "
@@ -313,6 +322,7 @@ def build_kit(out: Path, *, models: list[str] | None = None, extras: list[str] |
     pythons = pythons or [running_python()]
     extras = sorted({e.strip() for e in extras or [] if e.strip()})
     wanted = list(dict.fromkeys(n.strip().lower() for n in (models or ["default"])))
+    _check_extras(extras)
     if out.exists() and not force:
         raise KitUsageError(f"{out} already exists: choose another folder, or pass --force "
                             "to replace it")
@@ -344,7 +354,6 @@ def build_kit(out: Path, *, models: list[str] | None = None, extras: list[str] |
         llama: Wheel = repack_installed(LLAMA, wheels, steps.advance)
         steps.step("building the edge-vlm wheel")
         edge_wheel = build_edge_wheel(wheels, steps.note)
-        _check_extras(edge_wheel, extras)
         requirement = f"{edge_wheel}[{','.join(extras)}]" if extras else str(edge_wheel)
         llama_sha = installer.sha256_file(llama.path)
         _collect(requirement, wheels, pythons, steps)

@@ -403,7 +403,7 @@ def _catalog_hint(name: str) -> str:
         return ""
     return (
         f"model '{name}' is not installed: pull it with `edge-vlm models pull {name}` "
-        f"(needs network), or {entry.how_to_get(name)}"
+        f"(needs network), or on a machine with network {entry.how_to_get(name)}"
     )
 
 
