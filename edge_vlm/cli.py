@@ -83,6 +83,7 @@ _PLUGINS = {
     "serve": "edge_vlm.server.cli",
     "models": "edge_vlm.store.cli",
     "batch": "edge_vlm.batch.cli",
+    "kit": "edge_vlm.kit.cli",
 }
 
 

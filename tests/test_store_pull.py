@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -38,6 +40,9 @@ class Hub:
     """The stand-in hub's files, behaviour switches and request log."""
 
     files: dict[str, bytes]
+    """The files of REPO."""
+    others: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    """Files of other repositories, by repo id."""
     cut: dict[str, int] = field(default_factory=dict)
     """File → bytes to send before dropping the connection (first GET only)."""
     corrupt: set[str] = field(default_factory=set)
@@ -57,18 +62,47 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:
             pass
 
+        def _repo(self, repo: str) -> dict[str, bytes] | None:
+            return hub.files if repo == REPO else hub.others.get(repo)
+
+        def _tree(self, repo: str) -> None:
+            """``GET /api/models/{repo}/tree/{rev}?recursive=True``: the file list."""
+            files = self._repo(repo)
+            if files is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "RepoNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = json.dumps([
+                {"type": "file", "path": name, "size": len(data), "oid": "0" * 40,
+                 "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
+                         "pointerSize": 134}}
+                for name, data in files.items()]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def _serve(self, body: bool) -> None:
             hub.requests.append((self.command, self.path, self.headers.get("Range")))
-            prefix = f"/{REPO}/resolve/main/"
-            name = self.path[len(prefix):] if self.path.startswith(prefix) else ""
-            if name not in hub.files:
+            path = urlsplit(self.path).path
+            m = re.match(r"^/api/models/([^/]+/[^/]+)/tree/main/?$", path)
+            if m and body:
+                self._tree(m.group(1))
+                return
+            m = re.match(r"^/([^/]+/[^/]+)/resolve/main/(.+)$", path)
+            files = (self._repo(m.group(1)) if m else None) or {}
+            name = m.group(2) if m else ""
+            if name not in files:
                 self.send_response(404)
                 self.send_header("X-Error-Code", "EntryNotFound")
                 self.send_header("X-Repo-Commit", COMMIT)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            data = hub.files[name]
+            data = files[name]
             sha = hashlib.sha256(data).hexdigest()
             if name in hub.corrupt:
                 data = data[:-1] + bytes([data[-1] ^ 0xFF])
@@ -283,23 +317,20 @@ def test_catalog_lists_fit_and_installed(env: Path, hub: Hub, capsys) -> None:
     assert any(ln.startswith("smolvlm-256m ") for ln in out.splitlines())  # shipped catalog
 
 
-def test_shipped_catalog_covers_the_families() -> None:
-    from edge_vlm.store.catalog import load_catalog, shipped_catalog_path
+def test_shipped_catalog_names_repositories_not_files() -> None:
+    from edge_vlm.store.catalog import load_catalog
 
-    text = shipped_catalog_path().read_text()
-    assert "WRITTEN FROM MEMORY" in text
     catalog = load_catalog(extra="")
-    names = set(catalog.entries)
-    for wanted in ("smolvlm-256m", "smolvlm-500m", "smolvlm-2.2b", "smolvlm2-256m",
-                   "smolvlm2-500m", "smolvlm2-2.2b", "qwen2.5-vl-3b", "qwen2.5-vl-7b",
-                   "qwen3-vl-2b", "gemma-3-4b", "moondream2", "minicpm-v-2.6",
-                   "internvl3-1b", "internvl3-2b", "llava-1.5-7b"):
-        assert wanted in names
+    assert {e.repo for e in catalog.entries.values()} == {
+        "ggml-org/gemma-3-4b-it-GGUF", "ggml-org/SmolVLM-256M-Instruct-GGUF",
+        "ggml-org/SmolVLM-500M-Instruct-GGUF", "ggml-org/SmolVLM2-2.2B-Instruct-GGUF",
+        "ggml-org/Qwen2.5-VL-3B-Instruct-GGUF", "ggml-org/Qwen2.5-VL-7B-Instruct-GGUF",
+        "ggml-org/InternVL3-1B-Instruct-GGUF", "ggml-org/InternVL3-2B-Instruct-GGUF",
+        "ggml-org/pixtral-12b-GGUF", "ggml-org/moondream2-20250414-GGUF"}
     for e in catalog.entries.values():
-        assert e.default in e.quants and e.repo.count("/") == 1
-        assert all(f.file.endswith(".gguf") and f.size > 0 for f in e.quants.values())
-        assert "mmproj" in e.mmproj.file and e.mmproj.size > 0
-        assert e.kv_bytes_per_token() > 0 and e.context > 0
+        assert e.from_file_list and e.default in e.quants, e.name
+        assert e.default_file().size > 0 and e.mmproj.size > 0, e.name
+        assert e.kv_bytes_per_token() > 0 and e.context > 0, e.name
 
 
 def test_list_json_after_pull(env: Path, hub: Hub, capsys) -> None:
@@ -308,3 +339,152 @@ def test_list_json_after_pull(env: Path, hub: Hub, capsys) -> None:
     assert [r["name"] for r in json.loads(out) if r["name"] != "shapes-vlm"] == ["tiny-hub"]
     shutil.rmtree(env.parent / "hf")  # the store keeps its own link to the content
     assert cli(capsys, "verify")[0] == 0
+
+
+# -- choosing files from the repository's list (as llama.cpp's -hf) -----------------------
+
+LISTED = "test-org/listed-vlm-GGUF"
+LISTED_CATALOG = f"""
+[models.tiny-listed]
+title = "Tiny VLM, files from the list"
+repo = "{LISTED}"
+license = "mit"
+parameters = "1M"
+context = 1024
+layers = 2
+kv_heads = 2
+head_dim = 64
+default = "Q8_0"
+size_mb = 3
+mmproj_size_mb = 0.4
+
+[models.tiny-auto]
+title = "Tiny VLM, llama.cpp's choice"
+repo = "{LISTED}"
+license = "mit"
+default = "auto"
+
+[models.no-projector]
+title = "A text-only repository"
+repo = "test-org/text-only-GGUF"
+license = "mit"
+default = "Q8_0"
+"""
+
+
+@pytest.fixture
+def listed(env: Path, hub: Hub, tiny_paths) -> Hub:
+    """A repository whose files the catalog does not name: two quants, two projectors."""
+    model, mmproj = tiny_paths.model.read_bytes(), tiny_paths.mmproj.read_bytes()
+    hub.others[LISTED] = {
+        "README.md": b"# tiny",
+        "imatrix-Q8_0.gguf": b"not a model",
+        "tiny-Q8_0.gguf": model,
+        "tiny-f16.gguf": model + b"",
+        "mmproj-tiny-f16.gguf": mmproj,
+        "mmproj-tiny-Q8_0.gguf": mmproj,
+    }
+    hub.others["test-org/text-only-GGUF"] = {"text-Q8_0.gguf": model}
+    catalog = env.parent / "catalog.toml"
+    catalog.write_text(catalog.read_text() + LISTED_CATALOG)
+    return hub
+
+
+def test_pull_finds_the_files_in_the_repository_list(listed: Hub, capsys) -> None:
+    rc, out, err = cli(capsys, "pull", "tiny-listed")
+    assert rc == 0, err
+    assert "installed 'tiny-listed'" in out
+    assert any(p.startswith(f"/api/models/{LISTED}/tree/main") for _, p, _ in listed.requests)
+    m = Store.default().get("tiny-listed")
+    assert m.source["files"] == {"model": "tiny-Q8_0.gguf", "mmproj": "mmproj-tiny-Q8_0.gguf"}
+    assert m.source["quant"] == "Q8_0"
+
+    rc, out, err = cli(capsys, "pull", "tiny-listed", "--quant", "f16")
+    assert rc == 0, err
+    m = Store.default().get("tiny-listed-f16")  # the projector closest in bits: f16
+    assert m.source["files"] == {"model": "tiny-f16.gguf", "mmproj": "mmproj-tiny-f16.gguf"}
+
+    n = len(listed.requests)
+    rc, out, _ = cli(capsys, "pull", "tiny-listed")
+    assert rc == 0 and "already installed" in out and len(listed.requests) == n
+
+
+def test_auto_pulls_what_llama_cpp_would(listed: Hub, capsys) -> None:
+    rc, _, err = cli(capsys, "pull", "tiny-auto")  # no Q4_K_M there: Q8_0 next
+    assert rc == 0, err
+    m = Store.default().get("tiny-auto")
+    assert m.source["files"]["model"] == "tiny-Q8_0.gguf" and m.source["quant"] == "Q8_0"
+
+
+def test_pull_of_a_quant_the_repository_lacks_lists_those_it_has(listed: Hub, capsys) -> None:
+    rc, _, err = cli(capsys, "pull", "tiny-listed", "--quant", "Q4_K_M")
+    assert rc == 2
+    assert f"{LISTED} has no Q4_K_M model file" in err
+    assert "quantizations there: Q8_0, F16" in err
+    assert "edge-vlm models pull tiny-listed --quant Q8_0" in err
+    assert not [r for r in listed.requests if "/resolve/" in r[1]]
+
+
+def test_pull_of_a_repository_without_mmproj_says_so(env: Path, listed: Hub, capsys) -> None:
+    rc, _, err = cli(capsys, "pull", "no-projector")
+    assert rc == 1
+    assert "test-org/text-only-GGUF has no mmproj file (no vision projector)" in err
+    assert store_files(env)["manifests"] == []
+
+
+def test_offline_pull_lists_the_files_of_the_hf_cache(listed: Hub, monkeypatch, capsys) -> None:
+    assert cli(capsys, "pull", "tiny-listed")[0] == 0
+    assert cli(capsys, "rm", "tiny-listed", "--yes")[0] == 0
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    rc, out, err = cli(capsys, "pull", "tiny-listed")
+    assert rc == 0, err
+    assert "installed 'tiny-listed'" in out
+    rc, _, err = cli(capsys, "pull", "tiny-listed", "--quant", "F16")
+    assert rc == 2 and "quantizations there: Q8_0" in err  # only what is cached
+
+
+def test_list_based_entry_without_network_says_how_to_do_it_by_hand(listed: Hub, monkeypatch,
+                                                                      capsys) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    rc, out, err = cli(capsys, "pull", "tiny-listed")
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    assert "no network connection" in err
+    assert ("download the Q8_0 model GGUF and its mmproj GGUF from "
+            f"https://huggingface.co/{LISTED}") in err
+    assert "edge-vlm models import FOLDER --name tiny-listed" in err
+
+
+def test_choices_match_llama_cpp_on_real_repository_layouts() -> None:
+    from edge_vlm.store.repofiles import RepoFile, available_quants, find_mmproj, find_model
+
+    def files(*names: str) -> list[RepoFile]:
+        return [RepoFile(n) for n in names]
+
+    gemma = files(".gitattributes", "README.md", "gemma-3-4b-it-Q4_K_M.gguf",
+                  "gemma-3-4b-it-Q8_0.gguf", "gemma-3-4b-it-f16.gguf", "mmproj-model-f16.gguf")
+    assert find_model(gemma, "Q4_K_M").path == "gemma-3-4b-it-Q4_K_M.gguf"
+    assert find_model(gemma, "q8_0").path == "gemma-3-4b-it-Q8_0.gguf"  # any case
+    assert find_model(gemma, None).path == "gemma-3-4b-it-Q4_K_M.gguf"  # -hf's default
+    assert find_model(gemma, "Q4_K") is None  # a tag is matched whole, not as a prefix
+    assert find_mmproj(gemma, "gemma-3-4b-it-Q4_K_M.gguf").path == "mmproj-model-f16.gguf"
+    assert available_quants(gemma) == ["Q4_K_M", "Q8_0", "F16"]
+
+    smol = files("SmolVLM-256M-Instruct-Q8_0.gguf", "SmolVLM-256M-Instruct-f16.gguf",
+                 "mmproj-SmolVLM-256M-Instruct-Q8_0.gguf", "mmproj-SmolVLM-256M-Instruct-f16.gguf")
+    assert find_model(smol, None).path == "SmolVLM-256M-Instruct-Q8_0.gguf"
+    assert find_mmproj(smol, "SmolVLM-256M-Instruct-Q8_0.gguf").path.endswith("-Q8_0.gguf")
+    assert find_mmproj(smol, "SmolVLM-256M-Instruct-f16.gguf").path.endswith("-f16.gguf")
+
+    moon = files("moondream2-mmproj-f16-20250414.gguf", "moondream2-text-model-f16_ct-vicuna.gguf")
+    assert find_model(moon, "F16") is None  # no '-F16.' in its name: llama.cpp agrees
+    assert find_model(moon, None).path == "moondream2-text-model-f16_ct-vicuna.gguf"
+    assert find_mmproj(moon, find_model(moon, None).path).path.startswith("moondream2-mmproj")
+
+    split = files("big-Q4_K_M-00002-of-00002.gguf", "big-Q4_K_M-00001-of-00002.gguf",
+                  "sub/mmproj-big-f16.gguf", "mmproj-big-f16.gguf", "mmproj-big-Q8_0.gguf")
+    assert find_model(split, "Q4_K_M").path == "big-Q4_K_M-00001-of-00002.gguf"
+    # not in a sub-folder the model is not in; the closest bits otherwise (4 -> 8 over 16)
+    assert find_mmproj(split, "big-Q4_K_M-00001-of-00002.gguf").path == "mmproj-big-Q8_0.gguf"
+    nested = files("q/model-Q8_0.gguf", "mmproj-f16.gguf", "q/mmproj-f16.gguf")
+    assert find_mmproj(nested, "q/model-Q8_0.gguf").path == "q/mmproj-f16.gguf"  # deepest
+    assert find_mmproj(files("model-Q8_0.gguf", "imatrix.gguf"), "model-Q8_0.gguf") is None

@@ -11,6 +11,8 @@ from edge_vlm.errors import StoreError
 from edge_vlm.store.manifest import StoreInputError, check_name
 
 CATALOG_FILE = "catalog.toml"
+AUTO = "AUTO"
+"""``default = "auto"``: llama.cpp's own choice (Q4_K_M, else Q8_0, else the first model)."""
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,7 @@ class CatalogFile:
     """One downloadable file.
 
     Attributes:
-        file: Path inside the hub repository.
+        file: Path inside the hub repository ('': found from its file list at pull time).
         size: Approximate size in bytes (0: unknown).
         sha256: The expected digest, when the catalog knows it.
         quant: The quantization this file is (empty for the mmproj).
@@ -28,6 +30,11 @@ class CatalogFile:
     size: int = 0
     sha256: str | None = None
     quant: str = ""
+
+    @property
+    def known(self) -> bool:
+        """Whether the catalog names the file (else it is found from the repository list)."""
+        return bool(self.file)
 
 
 @dataclass(frozen=True)
@@ -53,21 +60,44 @@ class CatalogEntry:
         """The language-model file of the default quantization."""
         return self.quants[self.default]
 
+    @property
+    def from_file_list(self) -> bool:
+        """Whether the files are chosen from the repository's file list (no names given)."""
+        return not all(f.known for f in (*self.quants.values(), self.mmproj))
+
     def file_for(self, quant: str | None) -> CatalogFile:
         """The language-model file of a quantization (None: the default).
 
+        For an entry without file names any quantization may be asked for: whether the
+        repository has it is known once its file list is read.
+
         Raises:
-            StoreError: that quantization is not in the catalog.
+            StoreError: the catalog names its files and that quantization is not among them.
         """
         if quant is None:
             return self.default_file()
         found = self.quants.get(quant.upper())
         if found is None:
+            if self.from_file_list:
+                return CatalogFile("", 0, None, quant.upper())
             raise StoreInputError(
                 f"model '{self.name}' has no quantization {quant!r} in the catalog; "
                 f"choose one of {', '.join(self.quants)}"
             )
         return found
+
+    def how_to_get(self, name: str | None = None, quant: str | None = None) -> str:
+        """The manual way to install this model: what to download from where, and import."""
+        name = name or self.name
+        file = self.file_for(quant)
+        url = f"https://huggingface.co/{self.repo}"
+        if file.known and self.mmproj.known:
+            return (f"download {file.file} and {self.mmproj.file} from {url}, copy both here, "
+                    f"then run: edge-vlm models import {file.file} --mmproj "
+                    f"{self.mmproj.file} --name {name}")
+        return (f"download the {file.quant} model GGUF and its mmproj GGUF from {url} (see "
+                "'Files'), copy both into one folder here, then run: edge-vlm models import "
+                f"FOLDER --name {name}")
 
     def kv_bytes_per_token(self) -> int:
         """f16 K+V bytes per context token (0 if the catalog does not say)."""
@@ -145,6 +175,12 @@ def load_catalog(extra: Path | str | None = None) -> Catalog:
     return catalog
 
 
+def _mb(value: Any, key: str) -> int:
+    if not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{key} must be a number of megabytes")
+    return int(value * 1_000_000)
+
+
 def _file(raw: Any, where: str, quant: str = "") -> CatalogFile:
     if not isinstance(raw, dict) or not isinstance(raw.get("file"), str):
         raise ValueError(f"{where} needs a `file` string")
@@ -167,12 +203,23 @@ def _entry(name: str, raw: Any, path: Path) -> CatalogEntry:
         if not isinstance(repo, str) or repo.count("/") != 1:
             raise ValueError("`repo` must be 'owner/name'")
         quants_raw = raw.get("quants")
-        if not isinstance(quants_raw, dict) or not quants_raw:
-            raise ValueError("`quants` must map quantizations to files")
-        quants = {q.upper(): _file(v, f"quant {q}", q.upper()) for q, v in quants_raw.items()}
-        default = str(raw.get("default", next(iter(quants)))).upper()
-        if default not in quants:
-            raise ValueError(f"default quantization {default!r} is not among the quants")
+        if quants_raw is None:
+            # the usual form: files are chosen from the repository's list at pull time
+            if not isinstance(raw.get("default"), str) or not raw["default"]:
+                raise ValueError("needs `default` (the quantization to pull, e.g. 'Q4_K_M')")
+            default = raw["default"].upper()
+            quants = {default: CatalogFile("", _mb(raw.get("size_mb", 0), "size_mb"), None,
+                                           default)}
+            mmproj = CatalogFile("", _mb(raw.get("mmproj_size_mb", 0), "mmproj_size_mb"))
+        else:
+            if not isinstance(quants_raw, dict) or not quants_raw:
+                raise ValueError("`quants` must map quantizations to files")
+            quants = {q.upper(): _file(v, f"quant {q}", q.upper())
+                      for q, v in quants_raw.items()}
+            default = str(raw.get("default", next(iter(quants)))).upper()
+            if default not in quants:
+                raise ValueError(f"default quantization {default!r} is not among the quants")
+            mmproj = _file(raw.get("mmproj"), "mmproj")
         return CatalogEntry(
             name=norm,
             title=str(raw.get("title", name)),
@@ -182,7 +229,7 @@ def _entry(name: str, raw: Any, path: Path) -> CatalogEntry:
             context=int(raw.get("context", 0)),
             default=default,
             quants=quants,
-            mmproj=_file(raw.get("mmproj"), "mmproj"),
+            mmproj=mmproj,
             revision=str(raw.get("revision", "main")),
             layers=int(raw.get("layers", 0)),
             kv_heads=int(raw.get("kv_heads", 0)),

@@ -404,8 +404,10 @@ def _catalog(args: argparse.Namespace, store: Store, settings: Settings) -> int:
         for entry in sorted(catalog.entries.values(), key=lambda e: e.name):
             print(f"\n{entry.name}: {entry.repo}@{entry.revision}")
             for q, f in entry.quants.items():
-                print(f"  {q:<8}{f.file} (~{human_size(f.size)})")
-            print(f"  mmproj  {entry.mmproj.file} (~{human_size(entry.mmproj.size)})")
+                print(f"  {q:<8}{f.file or '(from the repository file list)'} "
+                      f"(~{human_size(f.size)})")
+            print(f"  mmproj  {entry.mmproj.file or '(the best match there)'} "
+                  f"(~{human_size(entry.mmproj.size)})")
             if entry.notes:
                 print(f"  {entry.notes}")
     print(f"\nmemory at {settings.runtime.n_ctx or 'up to 8192'} tokens of context; "

@@ -445,9 +445,7 @@ def _catalog_hint(name: str, catalog_file: str | None) -> str:
         return ""
     return (
         f"model '{name}' is not installed: pull it with `edge-vlm models pull {name}` "
-        f"(needs network), or copy {entry.repo} files {entry.default_file().file} and "
-        f"{entry.mmproj.file} from a connected machine and run `edge-vlm models import "
-        f"{entry.default_file().file} --mmproj {entry.mmproj.file} --name {name}`"
+        f"(needs network), or on a machine with network {entry.how_to_get(name)}"
     )
 
 
