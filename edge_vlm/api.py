@@ -45,9 +45,11 @@ from edge_vlm.schema import (
     Delta,
     Detail,
     ImagePart,
+    NamedToolChoice,
     ResponseFormat,
     StreamOptions,
     TokenLogprob,
+    Tool,
     ToolCall,
     ToolCallDelta,
     new_completion_id,
@@ -142,7 +144,11 @@ class VLM:
              frequency_penalty: float | None = ..., presence_penalty: float | None = ...,
              repeat_penalty: float | None = ...,
              response_format: ResponseFormat | dict[str, Any] | None = ...,
-             n: int | None = ..., detail: Detail | None = ...,
+             n: int | None = ..., logit_bias: dict[str, float] | None = ...,
+             tools: list[Tool] | list[dict[str, Any]] | None = ...,
+             tool_choice: str | NamedToolChoice | dict[str, Any] | None = ...,
+             parallel_tool_calls: bool | None = ..., logprobs: bool | None = ...,
+             top_logprobs: int | None = ..., detail: Detail | None = ...,
              **unknown: Any) -> ChatCompletion: ...
 
     @overload
@@ -156,7 +162,11 @@ class VLM:
              frequency_penalty: float | None = ..., presence_penalty: float | None = ...,
              repeat_penalty: float | None = ...,
              response_format: ResponseFormat | dict[str, Any] | None = ...,
-             n: int | None = ..., detail: Detail | None = ...,
+             n: int | None = ..., logit_bias: dict[str, float] | None = ...,
+             tools: list[Tool] | list[dict[str, Any]] | None = ...,
+             tool_choice: str | NamedToolChoice | dict[str, Any] | None = ...,
+             parallel_tool_calls: bool | None = ..., logprobs: bool | None = ...,
+             top_logprobs: int | None = ..., detail: Detail | None = ...,
              **unknown: Any) -> Iterator[ChatCompletionChunk]: ...
 
     def chat(
@@ -183,6 +193,12 @@ class VLM:
         repeat_penalty: float | None = None,
         response_format: ResponseFormat | dict[str, Any] | None = None,
         n: int | None = None,
+        logit_bias: dict[str, float] | None = None,
+        tools: list[Tool] | list[dict[str, Any]] | None = None,
+        tool_choice: str | NamedToolChoice | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
         detail: Detail | None = None,
         **unknown: Any,
     ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
@@ -215,6 +231,16 @@ class VLM:
             response_format: ``{"type": "json_object"}`` or ``{"type": "json_schema",
                 "json_schema": {...}}``: the answer is constrained to that form.
             n: Answers per request; only 1 is supported.
+            logit_bias: Token id (as a string) to a bias from -100 to 100 added to its
+                logit; -100 bans the token, 100 all but forces it.
+            tools: OpenAI's tool list; rendered through the model's chat template (a
+                template without tool support is a ``RequestError``).
+            tool_choice: ``auto``, ``none``, ``required`` or
+                ``{"type": "function", "function": {"name": ...}}``; a required or named
+                call is constrained by a grammar.
+            parallel_tool_calls: Accepted; a required or named call gives one call.
+            logprobs: Return each answer token's log-probability.
+            top_logprobs: With ``logprobs``: also the likeliest alternatives (0-20).
             detail: Image detail for the images that do not set their own
                 (default: ``images.detail``): ``low``, ``high`` or ``auto``.
             **unknown: Refused: a misspelt field must not be dropped silently.
@@ -233,7 +259,10 @@ class VLM:
             "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed, "stop": stop,
             "stream_options": stream_options, "frequency_penalty": frequency_penalty,
             "presence_penalty": presence_penalty, "repeat_penalty": repeat_penalty,
-            "response_format": response_format, "n": n,
+            "response_format": response_format, "n": n, "logit_bias": logit_bias,
+            "tools": tools, "tool_choice": tool_choice,
+            "parallel_tool_calls": parallel_tool_calls, "logprobs": logprobs,
+            "top_logprobs": top_logprobs,
         }
         request = self._request(messages, stream, fields, detail)
         chunks = self._stream(request, cancel, policy)

@@ -113,7 +113,7 @@ PROBE = """
 import json, sys
 from pathlib import Path
 import edge_vlm
-from edge_vlm.store.memory import estimate_files
+from edge_vlm.preflight.memory import estimate_files
 from edge_vlm.config import load_settings
 model, mmproj, image = map(Path, sys.argv[1:4])
 with edge_vlm.load(model, mmproj) as vlm:

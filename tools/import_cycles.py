@@ -29,6 +29,10 @@ def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
+    # a logger named after a module (`logging.getLogger("edge_vlm.server")`) imports nothing
+    loggers = {id(arg) for call in ast.walk(tree) if isinstance(call, ast.Call)
+               and getattr(call.func, "attr", getattr(call.func, "id", "")) == "getLogger"
+               for arg in call.args}
     for node in ast.walk(tree):
         targets: list[str] = []
         if isinstance(node, ast.Import):
@@ -39,9 +43,12 @@ def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
                 anchor = package.split(".")
                 anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join([*anchor, base]) if base else ".".join(anchor)
-            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            subs = [f"{base}.{a.name}" for a in node.names]
+            # `from pkg import submodule` depends on the submodule, not on what pkg's
+            # __init__ re-exports; `from pkg import name` depends on pkg
+            targets = subs if all(t in known for t in subs) else [*subs, base]
         elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
-              and node.value in known):
+              and node.value in known and id(node) not in loggers):
             # a module named in a string is imported by name (importlib, `python -m`)
             targets = [node.value]
         for t in targets:
