@@ -42,7 +42,6 @@ from edge_vlm.server.errors import ClientGone
 from edge_vlm.server.limits import check_limits, note_fields, parse_body
 from edge_vlm.server.media import read_images
 from edge_vlm.server.models import ModelSpec
-from edge_vlm.server.names import installed_models
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -267,8 +266,12 @@ def _model_objects(app: ServerApp) -> list[dict[str, Any]]:
         specs[default.name] = default
     except ModelNotFoundError:
         default = None
-    for m in installed_models():
-        specs.setdefault(m.name, ModelSpec(m.name, m.name, None, m.model, m.mmproj))
+    try:
+        installed = app.models.installed()
+    except (OSError, EdgeVLMError):  # an unreadable store lists only the default
+        installed = []
+    for spec in installed:
+        specs.setdefault(spec.name, spec)
     items = [_model_object(spec, states.get(name)) for name, spec in specs.items()]
     if default is not None:
         items[0]["default"] = True
