@@ -238,8 +238,8 @@ def test_one_log_line_per_request(srv: Running, images: dict[str, Path],
         return [r.getMessage() for r in caplog.records if path in r.getMessage()]
 
     with caplog.at_level(logging.INFO, logger="edge_vlm.server"):
-        call(srv.port, "POST", path, chat_body(data_url(images["red"]), max_tokens=3),
-             headers={**srv.auth(), "x-use-cache": "false"})
+        reply = call(srv.port, "POST", path, chat_body(data_url(images["red"]), max_tokens=3),
+                     headers={**srv.auth(), "x-use-cache": "false"})
         wait_until(lambda: bool(lines()))  # logged once the response went out
         time.sleep(0.2)
     assert len(lines()) == 1
@@ -248,6 +248,9 @@ def test_one_log_line_per_request(srv: Running, images: dict[str, Path],
                  "prompt_tokens=", "ttft=", "total=", "cache=miss",
                  "images=auto/1t/"):  # the image's detail, tiles and tokens
         assert part in line, line
+    # The logged TTFT is the engine's, the one the response's timings report.
+    engine_ttft = json.loads(reply.body)["timings"]["ttft_ms"]
+    assert engine_ttft > 0 and f"ttft={engine_ttft:.0f}ms" in line, line
 
 
 # --- the shipped model: answers must be right -------------------------------------------
