@@ -81,7 +81,8 @@ def load(
         settings: Settings to use (default: :func:`~edge_vlm.config.load_settings`); the
             keyword arguments below replace its values (``False`` and ``0`` included).
         n_ctx: Context window in tokens.
-        threads: CPU threads.
+        threads: CPU threads, used as given (None: ``runtime.threads``; unset there, the
+            count follows the machine's load, at most one per physical core).
         gpu: ``auto`` (offload when the build supports it), ``on`` or ``off``.
         flash_attn: ``auto``, ``on`` or ``off``.
         allow_remote_images: Fetch ``http(s)`` image URLs (off by default).

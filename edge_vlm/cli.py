@@ -177,7 +177,11 @@ def _info(args: argparse.Namespace) -> int:
     print(f"llama.cpp: {sysinfo['system_info']}")
     print(f"backends: {', '.join(_backends(sysinfo))}")
     print(f"gpu offload: {sysinfo['gpu_offload']} (runtime.gpu = {settings.runtime.gpu})")
-    print(f"threads: {settings.runtime.threads or default_threads()}")
+    if settings.runtime.threads:
+        print(f"threads: {settings.runtime.threads} (runtime.threads)")
+    else:
+        print(f"threads: follow the machine's load, at most {default_threads()} "
+              "(one per physical core)")
     cfg = origin.config_file
     print(f"config file: {cfg} ({'read' if origin.config_file_exists else 'not present'})")
     print(f"environment: {', '.join(origin.env_vars) or 'no EDGE_VLM_* variables'}")

@@ -60,7 +60,8 @@ class RuntimeSettings(_Section):
     n_batch: int = Field(default=512, ge=8)
     """Prompt tokens evaluated per llama.cpp batch."""
     threads: int | None = Field(default=None, ge=1)
-    """CPU threads; None: the number of physical cores."""
+    """CPU threads, used as given. None: follow the machine's load, from one thread up to
+    one per physical core, re-chosen during each request (:mod:`edge_vlm.cpuload`)."""
     gpu: Literal["auto", "on", "off"] = "auto"
     """Offload to the GPU: ``auto`` when the llama.cpp build supports offload."""
     n_gpu_layers: int = -1

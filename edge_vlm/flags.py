@@ -20,7 +20,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", help="model name, 'default' (shipped) or a GGUF path")
     g.add_argument("--mmproj", help="vision projector GGUF for a model given as a path")
     g.add_argument("--n-ctx", type=int, help="context window in tokens")
-    g.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    g.add_argument("--threads", type=int,
+                   help="CPU threads, used as given (default: follow the machine's load, "
+                        "at most one per physical core)")
     g.add_argument("--gpu", choices=["auto", "on", "off"], help="GPU offload (default: auto)")
     g.add_argument("--flash-attn", choices=["auto", "on", "off"],
                    help="flash attention (default: auto)")

@@ -5,6 +5,7 @@ every import in their source, deferred ones included (``tools/import_cycles.py``
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -48,6 +49,24 @@ def test_no_lower_module_imports_an_upper_one_even_inside_a_function():
                        if any(w == u or w.startswith(u + ".") for u in UPPER))
              for m in lower}
     assert not {m: w for m, w in wrong.items() if w}
+
+
+def test_no_lower_module_reads_the_settings_itself():
+    # Settings are built once by the front end and passed down: a lower layer that calls
+    # load_settings() would quietly ignore what the caller configured (issue #16).
+    calls = []
+    for path in sorted((ROOT / "edge_vlm").rglob("*.py")):
+        module = import_cycles.module_name(ROOT / "edge_vlm", path)
+        lower = (module in LOWER or module.startswith(("edge_vlm.store.", "edge_vlm.gguf.")))
+        if not lower or module in ("edge_vlm.config", "edge_vlm.store.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else getattr(f, "attr", "")
+                if name == "load_settings":
+                    calls.append(f"{module}:{node.lineno}")
+    assert calls == []
 
 
 def test_the_cli_modules_do_not_import_the_cli_back():

@@ -182,6 +182,37 @@ def test_store_models_answer_by_name_and_by_hub_id(tiny_paths: Any, images: dict
         running.close()
 
 
+MIRROR_CATALOG = """[models.in-mirror]
+title = "A mirrored model"
+repo = "example/in-mirror-GGUF"
+license = "apache-2.0"
+parameters = "256M"
+context = 8192
+layers = 30
+kv_heads = 3
+head_dim = 64
+default = "Q8_0"
+quants = { Q8_0 = { file = "in-mirror-Q8_0.gguf", size_mb = 175 } }
+mmproj = { file = "mmproj-in-mirror.gguf", size_mb = 104 }
+"""
+
+
+def test_model_names_follow_the_catalog_file_of_the_servers_settings(tmp_path: Path) -> None:
+    from edge_vlm.errors import ModelNotFoundError
+    from edge_vlm.server.models import ModelManager
+
+    extra = tmp_path / "mirror.toml"
+    extra.write_text(MIRROR_CATALOG)
+    models = ModelManager(server_settings(None, **{"store.catalog_file": str(extra)}))
+    # By store name and by the hub id of its upstream: a 404 saying how to pull it.
+    for name in ("in-mirror", "example/in-mirror"):
+        with pytest.raises(ModelNotFoundError, match="models pull in-mirror"):
+            models.resolve(name)
+    without = ModelManager(server_settings(None))  # the same server without that catalog
+    with pytest.raises(ModelNotFoundError, match="not in the model catalog"):
+        without.resolve("example/in-mirror")
+
+
 def test_models_list_marks_the_loaded_model_and_health_is_open(srv: Running) -> None:
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=TOKEN, max_retries=0)
     models = client.models.list().data
@@ -238,8 +269,8 @@ def test_one_log_line_per_request(srv: Running, images: dict[str, Path],
         return [r.getMessage() for r in caplog.records if path in r.getMessage()]
 
     with caplog.at_level(logging.INFO, logger="edge_vlm.server"):
-        call(srv.port, "POST", path, chat_body(data_url(images["red"]), max_tokens=3),
-             headers={**srv.auth(), "x-use-cache": "false"})
+        reply = call(srv.port, "POST", path, chat_body(data_url(images["red"]), max_tokens=3),
+                     headers={**srv.auth(), "x-use-cache": "false"})
         wait_until(lambda: bool(lines()))  # logged once the response went out
         time.sleep(0.2)
     assert len(lines()) == 1
@@ -248,6 +279,9 @@ def test_one_log_line_per_request(srv: Running, images: dict[str, Path],
                  "prompt_tokens=", "ttft=", "total=", "cache=miss",
                  "images=auto/1t/"):  # the image's detail, tiles and tokens
         assert part in line, line
+    # The logged TTFT is the engine's, the one the response's timings report.
+    engine_ttft = json.loads(reply.body)["timings"]["ttft_ms"]
+    assert engine_ttft > 0 and f"ttft={engine_ttft:.0f}ms" in line, line
 
 
 # --- the shipped model: answers must be right -------------------------------------------

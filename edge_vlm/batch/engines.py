@@ -103,10 +103,11 @@ def run(
         raise BatchInputError(f"unknown batch engine {engine!r}; use 'local' or 'ray'")
     from edge_vlm.batch.identity import identify
     from edge_vlm.batch.raydata import RayOptions, import_ray, run_ray
+    from edge_vlm.preflight import open_store
 
     import_ray()  # fail now, with the extra to install, not on the first next()
     todo, base = prepare_items(items, prompts)
-    files = identify(name, proj)
+    files = identify(name, proj, store=open_store(s))
     plan = make_plan(opts, s, files.key)
     owned = out is not None and not isinstance(out, ResultWriter)
     writer = out if isinstance(out, ResultWriter) or out is None else (

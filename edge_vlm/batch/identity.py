@@ -11,11 +11,15 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_vlm.batch.keys import model_key
 from edge_vlm.errors import ModelMismatchError
 from edge_vlm.resolve import resolve_model
 from edge_vlm.store.fsutil import hash_file
+
+if TYPE_CHECKING:
+    from edge_vlm.store.store import Store
 
 
 @dataclass(frozen=True)
@@ -46,19 +50,30 @@ class ModelFiles:
         return model_key(self.model_sha256, self.mmproj_sha256)
 
 
-def identify(model: str | Path, mmproj: str | Path | None = None) -> ModelFiles:
+def identify(model: str | Path, mmproj: str | Path | None = None, *,
+             store: Store | None = None) -> ModelFiles:
     """Resolve a model as :func:`edge_vlm.load` would and find its files' digests: the
     store's recorded SHA-256 for a named model, else the files hashed here.
+
+    Args:
+        model: A store name, ``default`` or a GGUF path.
+        mmproj: The mmproj of a model given by path.
+        store: The model store (the caller opens it from its settings with
+            :func:`edge_vlm.preflight.open_store`; None: the default store).
 
     Raises:
         ModelNotFoundError: the model cannot be found.
     """
     text = str(model)
-    ref = resolve_model(text, mmproj)
+    if store is None:
+        from edge_vlm.store.store import Store
+
+        store = Store.default()
+    ref = resolve_model(text, mmproj, store=store)
     # resolve_model reads a *.gguf or existing path as a path and anything else as a name.
     as_path = Path(text).expanduser()
     by_name = mmproj is None and not (as_path.suffix.lower() == ".gguf" or as_path.exists())
-    model_sha, mmproj_sha = recorded_digests(ref.name, ref.model, ref.mmproj)
+    model_sha, mmproj_sha = recorded_digests(ref.name, ref.model, ref.mmproj, store)
     return ModelFiles(
         name=text, mmproj=None if mmproj is None else str(mmproj),
         model_path=ref.model, mmproj_path=ref.mmproj,
@@ -68,14 +83,12 @@ def identify(model: str | Path, mmproj: str | Path | None = None) -> ModelFiles:
     )
 
 
-def recorded_digests(name: str, model: Path, mmproj: Path) -> tuple[str, str]:
-    """The SHA-256 the model store recorded for these two files ("" where it has none: a
-    model loaded by path, or a shipped model without its SHA256SUMS)."""
+def recorded_digests(name: str, model: Path, mmproj: Path, store: Store) -> tuple[str, str]:
+    """The SHA-256 ``store`` recorded for these two files ("" where it has none: a model
+    loaded by path, or a shipped model without its SHA256SUMS)."""
     from edge_vlm.errors import StoreError
     from edge_vlm.store.manifest import ROLE_MMPROJ, ROLE_MODEL
-    from edge_vlm.store.store import Store
 
-    store = Store.default()
     try:
         manifest = store.find(name)
     except StoreError:
@@ -90,15 +103,16 @@ def recorded_digests(name: str, model: Path, mmproj: Path) -> tuple[str, str]:
     return found[0], found[1]
 
 
-def verify(files: ModelFiles) -> tuple[str, str | None]:
-    """On a worker: find the model as the driver named it and check both files' SHA-256
-    against the driver's; returns the (model, mmproj) arguments to load it with.
+def verify(files: ModelFiles, store: Store | None = None) -> tuple[str, str | None]:
+    """On a worker: find the model as the driver named it (in ``store``, opened from the
+    settings the worker loads with; None: the default store) and check both files'
+    SHA-256 against the driver's; returns the (model, mmproj) arguments to load it with.
 
     Raises:
         ModelNotFoundError: the model is not installed on this node (or the path is absent).
         ModelMismatchError: a file differs from the driver's.
     """
-    ref = resolve_model(files.name, files.mmproj)
+    ref = resolve_model(files.name, files.mmproj, store=store)
     for role, path, want in (("model", ref.model, files.model_sha256),
                              ("mmproj", ref.mmproj, files.mmproj_sha256)):
         got, _ = hash_file(path)

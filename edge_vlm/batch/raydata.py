@@ -283,8 +283,9 @@ class _Answerer:
 
         import edge_vlm
         from edge_vlm.batch.identity import verify
+        from edge_vlm.preflight import open_store
 
-        name, mmproj = verify(model)
+        name, mmproj = verify(model, open_store(settings))
         runtime = settings.runtime.model_copy(update={"threads": threads})
         self.vlm: VLM = edge_vlm.load(name, mmproj,
                                       settings=settings.model_copy(update={"runtime": runtime}))

@@ -112,12 +112,14 @@ def batch(
     """
     from edge_vlm.batch.identity import recorded_digests
     from edge_vlm.batch.keys import model_key
+    from edge_vlm.preflight import open_store
     from edge_vlm.store.fsutil import hash_file
 
     opts = BatchOptions.of(options, option_fields)
     todo, base = prepare_items(items, prompts)
     info = vlm.info
-    model_sha, mmproj_sha = recorded_digests(vlm.name, info.model_path, info.mmproj_path)
+    model_sha, mmproj_sha = recorded_digests(vlm.name, info.model_path, info.mmproj_path,
+                                             open_store(vlm.settings))
     model_id = model_key(model_sha or hash_file(info.model_path)[0],
                          mmproj_sha or hash_file(info.mmproj_path)[0])
     plan = make_plan(opts, vlm.settings, model_id)

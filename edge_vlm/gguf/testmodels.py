@@ -34,7 +34,8 @@ object objects one two three four five six zero yes no big small large
 What Which Where How Describe Is Are There The A
 """
 TINY_WORDS: tuple[str, ...] = (*(SPACE + w for w in _WORDS.split()), ".", "?", ",")
-"""The words of the tiny vocabulary (each one token, "▁"-prefixed where it follows a space)."""
+"""The words of the tiny vocabulary (each one token, "▁"-prefixed where it follows a space);
+the tiny models' output layer scores only these, so answers read as words."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_vlm.kit import installer
 from edge_vlm.kit.wheels import (
@@ -35,6 +35,9 @@ from edge_vlm.kit.wheels import (
     source_tree,
     wheel_tags,
 )
+
+if TYPE_CHECKING:
+    from edge_vlm.store.store import Store
 
 LLAMA = "llama-cpp-python"
 SELFCHECK_IMAGE = "red-circle-blue-square.png"
@@ -159,12 +162,10 @@ def _tags_of(wheel: Path) -> tuple[str, ...]:
                  for p in plat.split("."))
 
 
-def _copy_model(name: str, dest: Path, steps: Steps) -> dict[str, Any]:
+def _copy_model(store: Store, name: str, dest: Path, steps: Steps) -> dict[str, Any]:
     """Copy an installed store model (hash-checked while copying) into ``dest/name``."""
     from edge_vlm.store.fsutil import CHUNK
-    from edge_vlm.store.store import Store
 
-    store = Store.default()
     m = store.get(name)
     folder = dest / m.name
     folder.mkdir(parents=True)
@@ -299,7 +300,7 @@ def _readme(manifest: dict[str, Any]) -> str:
 
 def build_kit(out: Path, *, models: list[str] | None = None, extras: list[str] | None = None,
               pythons: list[str] | None = None, force: bool = False,
-              steps: Steps | None = None) -> KitResult:
+              steps: Steps | None = None, store: Store | None = None) -> KitResult:
     """Build a kit folder at ``out``.
 
     Args:
@@ -310,6 +311,8 @@ def build_kit(out: Path, *, models: list[str] | None = None, extras: list[str] |
         pythons: ``X.Y`` versions to carry wheels for (None: this Python).
         force: Replace ``out`` if it exists.
         steps: Progress receiver.
+        store: Where the model names are looked up (the CLI opens it from its settings
+            with :func:`edge_vlm.preflight.open_store`; None: the default store).
 
     Raises:
         KitBuildError: with what to do; nothing is left at ``out``.
@@ -341,9 +344,10 @@ def build_kit(out: Path, *, models: list[str] | None = None, extras: list[str] |
                 "compiled again)")
     from edge_vlm.store.store import Store
 
+    store = store if store is not None else Store.default()
     store_models = [n for n in wanted if n not in DEFAULT_NAMES]
     for name in store_models:
-        Store.default().get(name)  # fail before any work if a model is not installed
+        store.get(name)  # fail before any work if a model is not installed
     _remove_stale_partials(out)
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -362,7 +366,7 @@ def build_kit(out: Path, *, models: list[str] | None = None, extras: list[str] |
         if any(n in DEFAULT_NAMES for n in wanted):
             entries.append(_shipped_entry(edge_wheel))
         for name in store_models:
-            entries.append(_copy_model(name, partial / "models", steps))
+            entries.append(_copy_model(store, name, partial / "models", steps))
         selfcheck = partial / "selfcheck"
         selfcheck.mkdir()
         from edge_vlm.resolve import samples_dir

@@ -124,14 +124,17 @@ class _Bars:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from edge_vlm.flags import settings_from_flags
     from edge_vlm.kit.build import build_kit, parse_pythons
+    from edge_vlm.preflight import open_store
     from edge_vlm.store.manifest import human_size
 
+    store = open_store(settings_from_flags(args))
     pythons = parse_pythons(args.python)
     extras = [e for e in args.extras.split(",") if e.strip()]
     with _Bars(sys.stderr.isatty()) as bars:
         result = build_kit(args.out, models=args.models, extras=extras, pythons=pythons,
-                           force=args.force, steps=bars)
+                           force=args.force, steps=bars, store=store)
     m = result.manifest
     total = sum(result.sizes.values())
     print(f"kit written: {result.path} ({human_size(total)}: wheels "

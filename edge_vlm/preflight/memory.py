@@ -5,9 +5,9 @@ The parts, as llama.cpp and libmtmd allocate them on the CPU backend:
 - language-model weights: the file, memory-mapped (every page is read while decoding);
 - mmproj weights: the file, read into memory by libmtmd;
 - KV cache: layers x KV heads x (key + value head size) x context x 2 bytes (f16);
-- mmproj copies: the backend makes one libmtmd context at load, for the default detail
-  level; a request at another level of a tiling projector (SmolVLM...) adds a second copy
-  of the weights on first use, which is not counted here;
+- mmproj copies: one. The backend keeps a single libmtmd context (``Backend.mtmd_for``);
+  a request at another detail level of a tiling projector (SmolVLM...) frees it before
+  the context for that level loads, so the weights are never held twice;
 - language-model compute buffer: llama.cpp reserves the graph of one ``n_ubatch`` batch
   with every position's logits (``n_vocab`` floats each) and the feed-forward activations;
   without flash attention the attention scores (context x batch x heads floats) reuse the
@@ -60,7 +60,8 @@ class MemoryEstimate:
         available: Memory available now (psutil), bytes.
         max_ctx: Largest context that fits in ``available`` (0: not even the weights).
         gpu: GPU offload is on (the estimate is for RAM only and not judged).
-        mmproj_copies: libmtmd contexts holding the mmproj weights (one per detail budget).
+        mmproj_copies: libmtmd contexts holding the mmproj weights (the backend keeps one
+            at a time, so 1).
     """
 
     weights: int

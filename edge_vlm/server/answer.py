@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
@@ -74,12 +73,15 @@ class Outcome:
     """An error sent as an SSE event after the stream started."""
     timings: GenerationStats | None = field(default=None, repr=False)
 
-    def note(self, stats: GenerationStats | None, finish: str | None) -> None:
-        """Record a finished generation's stats."""
+    def note(self, stats: GenerationStats | None, finish: str | None, *,
+             replayed: bool = False) -> None:
+        """Record a finished generation's stats (TTFT is the engine's ``ttft_ms``; a
+        cached answer ``replayed`` generated nothing, so it has none)."""
         if stats is not None:
             self.timings = stats
             self.prompt_tokens = stats.prompt_tokens
             self.completion_tokens = stats.completion_tokens
+            self.ttft_ms = None if replayed else stats.ttft_ms
         self.finish_reason = finish
 
 
@@ -448,8 +450,3 @@ async def replay_chunks(answer: CachedAnswer, include_usage: bool,
 def _internal(exc: BaseException) -> EdgeVLMError:
     log.error("error in a stream", exc_info=exc)
     return EdgeVLMError(f"internal error: {type(exc).__name__}")
-
-
-def ttft_ms(started: float) -> float:
-    """Milliseconds since ``started`` (``time.perf_counter()``)."""
-    return (time.perf_counter() - started) * 1000.0

@@ -34,7 +34,6 @@ from edge_vlm.server.answer import (
     completion_body,
     replay_chunks,
     stream_chunks,
-    ttft_ms,
 )
 from edge_vlm.server.body import header_flag, read_json
 from edge_vlm.server.cache import CachedAnswer, cache_key, is_deterministic
@@ -42,7 +41,6 @@ from edge_vlm.server.errors import ClientGone
 from edge_vlm.server.limits import check_limits, note_fields, parse_body
 from edge_vlm.server.media import read_images
 from edge_vlm.server.models import ModelSpec
-from edge_vlm.server.names import installed_models
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -164,8 +162,7 @@ async def complete(app: ServerApp, request: Request, ctx: RequestContext,
     p = await _prepare(app, request, ctx, req)
     try:
         if p.cached is not None:
-            ctx.outcome.note(p.cached.timings, p.cached.finish_reason)
-            ctx.outcome.ttft_ms = ttft_ms(ctx.started)
+            ctx.outcome.note(p.cached.timings, p.cached.finish_reason, replayed=True)
             answer = p.cached
             return ChatCompletion(
                 id=new_completion_id(), created=now(), model=answer.model,
@@ -174,7 +171,6 @@ async def complete(app: ServerApp, request: Request, ctx: RequestContext,
                 usage=answer.usage, timings=answer.timings), "hit"
         with app.tracked(p.cancel):
             reply = await (await _job(app, request, p)).reply()
-        ctx.outcome.ttft_ms = ttft_ms(ctx.started)
         finish = reply.choices[0].finish_reason
         ctx.outcome.note(reply.timings, finish)
         if finish == "cancelled":
@@ -206,15 +202,13 @@ async def open_stream(app: ServerApp, request: Request, ctx: RequestContext,
     p = await _prepare(app, request, ctx, req)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if p.cached is not None:
-        ctx.outcome.note(p.cached.timings, p.cached.finish_reason)
-        ctx.outcome.ttft_ms = ttft_ms(ctx.started)
+        ctx.outcome.note(p.cached.timings, p.cached.finish_reason, replayed=True)
         p.watch.stop()
         return OpenStream(replay_chunks(p.cached, include_usage), {"x-cache": "hit"}, None)
     try:
         with app.tracked(p.cancel):
             job = await _job(app, request, p)
             head = await job.head()
-        ctx.outcome.ttft_ms = ttft_ms(ctx.started)
         if not head:
             raise EdgeVLMError("the model produced no output")
         last = head[-1].choices[0] if head[-1].choices else None
@@ -267,8 +261,12 @@ def _model_objects(app: ServerApp) -> list[dict[str, Any]]:
         specs[default.name] = default
     except ModelNotFoundError:
         default = None
-    for m in installed_models():
-        specs.setdefault(m.name, ModelSpec(m.name, m.name, None, m.model, m.mmproj))
+    try:
+        installed = app.models.installed()
+    except (OSError, EdgeVLMError):  # an unreadable store lists only the default
+        installed = []
+    for spec in installed:
+        specs.setdefault(spec.name, spec)
     items = [_model_object(spec, states.get(name)) for name, spec in specs.items()]
     if default is not None:
         items[0]["default"] = True

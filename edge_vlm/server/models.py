@@ -26,11 +26,12 @@ from edge_vlm.config import Settings
 from edge_vlm.errors import EdgeVLMError, ModelLoadError, ModelNotFoundError
 from edge_vlm.resolve import SHIPPED_MODEL, resolve_model
 from edge_vlm.server.errors import ClientGone, ServiceUnavailableError
-from edge_vlm.server.names import catalog_name_for_hub_id, lookup_installed
+from edge_vlm.server.names import catalog_name_for_hub_id
 from edge_vlm.server.turnstile import Turnstile
 
 if TYPE_CHECKING:
     from edge_vlm.api import VLM
+    from edge_vlm.store.store import Store
 
 log = logging.getLogger("edge_vlm.server")
 
@@ -206,7 +207,12 @@ class ModelManager:
     """
 
     def __init__(self, settings: Settings, loader: Loader | None = None) -> None:
+        from edge_vlm.preflight import open_store
+
         self.settings = settings
+        #: The model store, opened once from the settings (``store.verify_on_load``,
+        #: ``store.catalog_file``): names are resolved and listed through it.
+        self.store: Store = open_store(settings)
         self._loader = loader or load_vlm
         self._cond = threading.Condition()
         self._entries: dict[str, ModelEntry] = {}
@@ -228,7 +234,7 @@ class ModelManager:
         if cached is not None and time.monotonic() - cached[0] < _RESOLVE_TTL_S:
             return cached[1]
         m = self.settings.model
-        ref = resolve_model(m.default, m.mmproj)
+        ref = resolve_model(m.default, m.mmproj, store=self.store)
         spec = ModelSpec(ref.name, m.default, m.mmproj, ref.model, ref.mmproj)
         with self._cond:
             self._resolved[""] = (time.monotonic(), spec)
@@ -263,18 +269,31 @@ class ModelManager:
             cached = self._resolved.get(text)
         if cached is not None and time.monotonic() - cached[0] < _RESOLVE_TTL_S:
             return cached[1]
-        store_name = catalog_name_for_hub_id(text) or text
-        found = lookup_installed(store_name)  # raises with a pull hint for catalog models
+        store_name = catalog_name_for_hub_id(text, self.store.catalog_file) or text
+        found = self.store.lookup(store_name)  # raises with a pull hint for catalog models
         if found is None:
             raise ModelNotFoundError(
                 f"model {text[:200]!r} is not installed on this machine and not in the "
                 "model catalog: import its files with 'edge-vlm models import MODEL.gguf "
                 "--mmproj MMPROJ.gguf --name NAME' and request it as NAME; 'edge-vlm models "
                 "list' shows what is installed, 'edge-vlm models catalog' what can be pulled")
-        spec = ModelSpec(found.name, found.name, None, found.model, found.mmproj)
+        name = store_name.strip().lower()
+        spec = ModelSpec(name, name, None, found[0], found[1])
         with self._cond:
             self._resolved[text] = (time.monotonic(), spec)
         return spec
+
+    def installed(self) -> list[ModelSpec]:
+        """Every installed model whose files are present (none is marked as used)."""
+        manifests, _ = self.store.installed()
+        out: list[ModelSpec] = []
+        for m in manifests:
+            try:
+                model, mmproj = self.store.paths(m)
+            except EdgeVLMError:  # a file went missing: resolving it says so
+                continue
+            out.append(ModelSpec(m.name, m.name, None, model, mmproj))
+        return out
 
     # -- loading -----------------------------------------------------------------------
 

@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.schema import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from edge_vlm.schema import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Usage
 from edge_vlm.server.errors import BadRequestError, ValidationFailedError, error_body
 from edge_vlm.server.limits import parse_body
+from edge_vlm.stats import usage
 
 #: Request fields this endpoint reads (others are logged once, see ``limits.note_fields``).
 KNOWN_FIELDS = frozenset({
@@ -125,10 +126,12 @@ def _message(item: Any, where: str) -> dict[str, Any]:
 # -- the answer ---------------------------------------------------------------------------
 
 
-def _usage(prompt: int, completion: int) -> dict[str, Any]:
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt + completion}
+def _usage(u: Usage) -> dict[str, Any]:
+    # The counts are the engine's (edge_vlm.stats.usage); the Responses API only names
+    # them differently and adds its detail blocks.
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": u.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": u.total_tokens}
 
 
 def _envelope(rid: str, created: float, model: str, body: dict[str, Any],
@@ -152,13 +155,13 @@ def _message_item(mid: str, text: str, status: str) -> dict[str, Any]:
 
 
 def _finish(out: dict[str, Any], finish: str | None, mid: str, text: str,
-            prompt: int, completion: int) -> dict[str, Any]:
+            counts: Usage) -> dict[str, Any]:
     complete = finish != "length"
     out["status"] = "completed" if complete else "incomplete"
     if not complete:
         out["incomplete_details"] = {"reason": "max_output_tokens"}
     out["output"] = [_message_item(mid, text, "completed" if complete else "incomplete")]
-    out["usage"] = _usage(prompt, completion)
+    out["usage"] = _usage(counts)
     return out
 
 
@@ -167,8 +170,7 @@ def response_object(reply: ChatCompletion, body: dict[str, Any]) -> dict[str, An
     out = _envelope(f"resp_{uuid.uuid4().hex}", float(reply.created), reply.model, body,
                     "completed")
     return _finish(out, reply.choices[0].finish_reason, f"msg_{uuid.uuid4().hex}",
-                   reply.choices[0].message.content or "", reply.usage.prompt_tokens,
-                   reply.usage.completion_tokens)
+                   reply.choices[0].message.content or "", reply.usage)
 
 
 def _event(kind: str, seq: int, **fields: Any) -> bytes:
@@ -212,8 +214,7 @@ async def events(items: AsyncIterator[ChatCompletionChunk | EdgeVLMError],
             whole = "".join(text)
             stats = item.timings
             done = _finish(dict(out), choice.finish_reason, mid, whole,
-                           stats.prompt_tokens if stats else 0,
-                           stats.completion_tokens if stats else 0)
+                           usage(stats) if stats else Usage())
             part = {"type": "output_text", "text": whole, "annotations": []}
             yield _event("response.output_text.done", seq, **where, text=whole, logprobs=[])
             yield _event("response.content_part.done", seq + 1, **where, part=part)

@@ -142,15 +142,15 @@ def shipped_catalog_path() -> Path:
 
 
 def load_catalog(extra: Path | str | None = None) -> Catalog:
-    """Read the shipped catalog and the extra one (argument, else ``store.catalog_file``).
+    """Read the shipped catalog and the extra one.
+
+    Args:
+        extra: The extra catalog TOML: the caller's ``settings.store.catalog_file`` (the
+            store reads no settings itself). None or "": the shipped catalog only.
 
     Raises:
         StoreError: a catalog file is unreadable or malformed (naming file and entry).
     """
-    if extra is None:
-        from edge_vlm.config import load_settings
-
-        extra = load_settings().store.catalog_file
     catalog = Catalog()
     paths = [shipped_catalog_path()]
     if extra:

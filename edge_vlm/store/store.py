@@ -437,8 +437,7 @@ def _catalog_hint(name: str, catalog_file: str | None) -> str:
     try:
         from edge_vlm.store.catalog import load_catalog
 
-        # "" rather than None: None would make load_catalog read the settings itself
-        entry = load_catalog(catalog_file or "").get(name)
+        entry = load_catalog(catalog_file).get(name)
     except Exception:  # the hint is a courtesy: a catalog problem must not break lookups
         return ""
     if entry is None:
