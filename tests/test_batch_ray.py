@@ -209,7 +209,7 @@ def test_driver_killed_mid_run_then_resume_adds_exactly_the_missing_lines(
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "known defect, not yet understood: in 1 of 6 runs on an idle machine the Ray driver "
+    "known defect, not yet understood: in 2 of 7 runs on an idle machine the Ray driver "
     "exited 1 after Ctrl+C without printing its summary (the local engine's Ctrl+C test "
     "is not affected); see the session-5 closing note"))
 def test_ctrl_c_stops_the_ray_run_resumably(
