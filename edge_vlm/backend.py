@@ -211,6 +211,9 @@ class Backend:
         cparams.n_threads_batch = cfg.threads
         cparams.flash_attn_type = _FLASH[cfg.flash_attn]
         cparams.no_perf = False
+        # llama.cpp's tools keep only the window for sliding-window layers; its C default
+        # (full size) would hold ~0.75 GB more for Gemma 3 4B at 8192 tokens.
+        cparams.swa_full = cfg.swa_full
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self._ctx = None

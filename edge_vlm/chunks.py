@@ -23,6 +23,7 @@ class BackendConfig:
     mmproj_use_gpu: bool
     flash_attn: str  # "auto" | "on" | "off"
     verbose: bool = False
+    swa_full: bool = False
     image_min_tokens: int = 0
     image_max_tokens: int = 0
     one_tile_side: int = 0

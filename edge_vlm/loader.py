@@ -274,6 +274,7 @@ def load_model(name: str | Path | None, mmproj: str | Path | None,
         mmproj_use_gpu=gpu and rt.mmproj_on_gpu,
         flash_attn=rt.flash_attn,
         verbose=rt.verbose,
+        swa_full=rt.swa_full,
         image_max_tokens=default_budget,
         one_tile_side=info.image_size if info.projector_type == "idefics3" else 0,
     ))

@@ -3,8 +3,15 @@
 The parts, as llama.cpp and libmtmd allocate them on the CPU backend:
 
 - language-model weights: the file, memory-mapped (every page is read while decoding);
+- repacked weights: on the CPU backend llama.cpp copies the weight matrices of some
+  quantized types (Q4_0, Q4_K, IQ4_NL on x86 with AVX2; also Q5_K, Q6_K, Q8_0 on ARM with
+  dot-product instructions) into an interleaved layout in anonymous memory, and the mapped
+  pages it read them from stay resident too: those matrices count twice (Gemma 3 4B at
+  Q4_K_M: 1.46 GB of its 2.37 GB file);
 - mmproj weights: the file, read into memory by libmtmd;
-- KV cache: layers x KV heads x (key + value head size) x context x 2 bytes (f16);
+- KV cache: layers x KV heads x (key + value head size) x cells x 2 bytes (f16), where a
+  sliding-window layer (Gemma 3) has only window + ``n_ubatch`` cells unless
+  ``runtime.swa_full`` is on;
 - mmproj copies: one. The backend keeps a single libmtmd context (``Backend.mtmd_for``);
   a request at another detail level of a tiling projector (SmolVLM...) frees it before
   the context for that level loads, so the weights are never held twice;
@@ -26,6 +33,7 @@ so instead of judging.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +59,7 @@ class MemoryEstimate:
 
     Attributes:
         weights: Language-model file (memory-mapped).
+        repacked: Weight matrices the CPU backend copies into its own layout.
         mmproj: Vision projector weights, all copies (see :attr:`mmproj_copies`).
         kv_cache: KV cache at ``n_ctx``.
         compute: Language-model compute buffer.
@@ -75,11 +84,12 @@ class MemoryEstimate:
     max_ctx: int
     gpu: bool = False
     mmproj_copies: int = 1
+    repacked: int = 0
 
     @property
     def total(self) -> int:
         """All parts."""
-        return (self.weights + self.mmproj + self.kv_cache + self.compute
+        return (self.weights + self.repacked + self.mmproj + self.kv_cache + self.compute
                 + self.vision_compute + self.overhead)
 
     @property
@@ -104,6 +114,7 @@ class MemoryEstimate:
         """(label, bytes) of each part, for ``models show``."""
         return [
             ("language-model weights (mmap)", self.weights),
+            *([("weights repacked for the CPU", self.repacked)] if self.repacked else []),
             ("mmproj weights" + (f" (x{self.mmproj_copies}, one per detail level)"
                                  if self.mmproj_copies > 1 else ""), self.mmproj),
             (f"KV cache ({self.n_ctx} tokens, f16)", self.kv_cache),
@@ -120,8 +131,37 @@ def _available() -> int:
 
 
 def kv_bytes_per_token(f: ModelFacts) -> int:
-    """f16 K+V bytes per context position."""
+    """f16 K+V bytes per context position, all layers."""
     return f.n_layer * f.n_head_kv * (f.head_dim_k + f.head_dim_v) * 2
+
+
+def kv_cache_bytes(f: ModelFacts, n_ctx: int, n_ubatch: int, swa_full: bool) -> int:
+    """The KV cache at ``n_ctx``: a sliding-window layer keeps the window plus one batch
+    (rounded up to 256 cells, as llama.cpp's iSWA cache) unless ``swa_full``."""
+    if not f.n_layer:
+        return 0
+    per_layer = kv_bytes_per_token(f) // f.n_layer
+    swa = 0 if swa_full or not f.sliding_window else min(f.swa_layers, f.n_layer)
+    swa_cells = min(n_ctx, -(-(f.sliding_window + n_ubatch) // 256) * 256)
+    return per_layer * ((f.n_layer - swa) * n_ctx + swa * swa_cells)
+
+
+#: ggml types whose weight matrices the CPU backend repacks, by machine (ggml-cpu's
+#: ``repack.cpp``; a CPU without AVX2 / dot-product support repacks less: the estimate
+#: then errs high).
+_REPACKED = {
+    "x86": frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}),
+    "arm": frozenset({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}),
+}
+
+
+def repacked_bytes(f: ModelFacts, machine: str | None = None) -> int:
+    """Bytes of weight matrices the CPU backend copies into its interleaved layout."""
+    m = (machine if machine is not None else platform.machine()).lower()
+    kind = ("x86" if m in {"x86_64", "amd64", "i686", "x86"} else
+            "arm" if m.startswith(("arm", "aarch64")) else "")
+    types = _REPACKED.get(kind, frozenset())
+    return sum(n for t, n in f.matmul_bytes.items() if t in types)
 
 
 def lm_compute_bytes(f: ModelFacts, n_ctx: int, n_ubatch: int, flash_attn: bool) -> int:
@@ -144,7 +184,8 @@ def vision_compute_bytes(f: ModelFacts, flash_attn: bool) -> int:
 
 def estimate(facts: ModelFacts, model_bytes: int, mmproj_bytes: int, *, n_ctx: int | None,
              n_ubatch: int = 512, flash_attn: bool = True, gpu: bool = False,
-             detail: str = "auto", available: int | None = None) -> MemoryEstimate:
+             detail: str = "auto", swa_full: bool = False,
+             available: int | None = None) -> MemoryEstimate:
     """Estimate the memory of a pair from its facts and file sizes.
 
     Args:
@@ -156,6 +197,7 @@ def estimate(facts: ModelFacts, model_bytes: int, mmproj_bytes: int, *, n_ctx: i
         flash_attn: Whether flash attention will be on (``auto`` is on for the CPU).
         gpu: GPU offload is on.
         detail: ``images.detail`` (the detail level the vision context is made for).
+        swa_full: ``runtime.swa_full`` (a full-size cache for sliding-window layers).
         available: Memory to compare with (default: psutil's available memory).
     """
     ctx = n_ctx or min(facts.context_length or DEFAULT_CTX_CAP, DEFAULT_CTX_CAP)
@@ -165,9 +207,15 @@ def estimate(facts: ModelFacts, model_bytes: int, mmproj_bytes: int, *, n_ctx: i
     # it and loads another on a change of level): one copy of the mmproj weights. Measured
     # on the SmolVLM-256M shape-alike at full detail: estimate 696 MiB, peak 672 MiB.
     copies = 1
-    fixed = (model_bytes + copies * mmproj_bytes + vision_compute_bytes(facts, flash_attn)
-             + OVERHEAD)
-    per_token = kv_bytes_per_token(facts) + (0 if flash_attn else 4 * ubatch * facts.n_head)
+    repacked = 0 if gpu else repacked_bytes(facts)
+    # Sliding-window layers hold a fixed number of cells once the context passes the
+    # window: only the other layers grow with the context.
+    window = kv_cache_bytes(facts, 1 << 30, ubatch, swa_full) - kv_cache_bytes(
+        facts, (1 << 30) - 1, ubatch, swa_full)
+    swa_fixed = kv_cache_bytes(facts, 1 << 30, ubatch, swa_full) - window * (1 << 30)
+    fixed = (model_bytes + repacked + copies * mmproj_bytes
+             + vision_compute_bytes(facts, flash_attn) + OVERHEAD + swa_fixed)
+    per_token = window + (0 if flash_attn else 4 * ubatch * facts.n_head)
     base_compute = lm_compute_bytes(facts, 0, ubatch, True)
     room = avail - fixed - base_compute
     max_ctx = 0
@@ -177,8 +225,9 @@ def estimate(facts: ModelFacts, model_bytes: int, mmproj_bytes: int, *, n_ctx: i
             max_ctx = min(max_ctx, facts.context_length)
     return MemoryEstimate(
         weights=model_bytes,
+        repacked=repacked,
         mmproj=copies * mmproj_bytes,
-        kv_cache=kv_bytes_per_token(facts) * ctx,
+        kv_cache=kv_cache_bytes(facts, ctx, ubatch, swa_full),
         compute=lm_compute_bytes(facts, ctx, ubatch, flash_attn),
         vision_compute=vision_compute_bytes(facts, flash_attn),
         overhead=OVERHEAD,
@@ -190,12 +239,15 @@ def estimate(facts: ModelFacts, model_bytes: int, mmproj_bytes: int, *, n_ctx: i
     )
 
 
-def _runtime(settings: Settings) -> dict[str, Any]:
+def estimate_options(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments of :func:`estimate` that the settings decide (``n_ctx``
+    included)."""
     rt = settings.runtime
     # "auto" flash attention is on for the CPU backend; GPU "auto" depends on the build,
     # which only the backend knows: count it as offloaded only when forced on.
     return {"n_ubatch": rt.n_batch, "flash_attn": rt.flash_attn != "off",
-            "gpu": rt.gpu == "on", "detail": settings.images.detail, "ctx": rt.n_ctx}
+            "gpu": rt.gpu == "on", "detail": settings.images.detail, "n_ctx": rt.n_ctx,
+            "swa_full": rt.swa_full}
 
 
 def estimate_files(model: Path, mmproj: Path, settings: Settings,
@@ -209,8 +261,8 @@ def estimate_files(model: Path, mmproj: Path, settings: Settings,
     from edge_vlm.store.manifest import facts_from
 
     facts = facts_from(read_gguf(model), read_gguf(mmproj))
-    rt = _runtime(settings)
-    ctx = rt.pop("ctx")
+    rt = estimate_options(settings)
+    ctx = rt.pop("n_ctx")
     return estimate(facts, model.stat().st_size, mmproj.stat().st_size, n_ctx=n_ctx or ctx,
                     **rt)
 
@@ -218,8 +270,8 @@ def estimate_files(model: Path, mmproj: Path, settings: Settings,
 def estimate_catalog(entry: CatalogEntry, file: CatalogFile, settings: Settings,
                      n_ctx: int | None = None) -> MemoryEstimate:
     """A rougher estimate for a catalog model before download (sizes and KV shape only)."""
-    rt = _runtime(settings)
-    ctx = rt.pop("ctx")
+    rt = estimate_options(settings)
+    ctx = rt.pop("n_ctx")
     head = entry.head_dim
     facts = ModelFacts(
         context_length=entry.context, n_layer=entry.layers, n_head_kv=entry.kv_heads,

@@ -256,15 +256,13 @@ def _list(args: argparse.Namespace, store: Store, settings: Settings) -> int:
 def _show(args: argparse.Namespace, store: Store, settings: Settings) -> int:
     from dataclasses import asdict
 
-    from edge_vlm.preflight.memory import estimate
+    from edge_vlm.preflight.memory import estimate, estimate_options
     from edge_vlm.store.manifest import human_count, human_size
 
     m = store.get(args.name)
     model_path, mmproj_path = store.paths(m)
-    rt = settings.runtime
-    est = estimate(m.facts, m.file("model").size, m.file("mmproj").size, n_ctx=rt.n_ctx,
-                   n_ubatch=rt.n_batch, flash_attn=rt.flash_attn != "off", gpu=rt.gpu == "on",
-                   detail=settings.images.detail)
+    est = estimate(m.facts, m.file("model").size, m.file("mmproj").size,
+                   **estimate_options(settings))
     if args.json:
         out = m.to_dict() | {"paths": {"model": str(model_path), "mmproj": str(mmproj_path)},
                              "memory": asdict(est) | {"total": est.total, "verdict": est.verdict}}

@@ -116,6 +116,13 @@ class ModelFacts:
     vision_heads: int = 0
     general_name: str = ""
     license: str = ""
+    sliding_window: int = 0
+    """Attention window of the sliding-window layers (Gemma 3), 0: none."""
+    swa_layers: int = 0
+    """How many layers use that window (the rest attend to the whole context)."""
+    matmul_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes of the weight matrices llama.cpp's CPU backend may repack into its own layout,
+    by ggml type name: 2-D, not the token embeddings, rows a multiple of 8."""
 
 
 @dataclass
@@ -206,6 +213,36 @@ def _int(info: GGUFInfo, key: str) -> int:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+#: Architectures whose sliding-window layers llama.cpp places by a fixed pattern when the
+#: file does not give ``{arch}.attention.sliding_window_pattern``: every n-th layer is a
+#: full-attention one (``llama_model::load_swa_pattern``'s default per architecture).
+_SWA_PATTERN = {"gemma3": 6, "gemma2": 2, "cohere2": 4}
+
+
+def _swa_layers(model: GGUFInfo, arch: str, n_layer: int) -> int:
+    """Layers that use the sliding window, as llama.cpp decides (0 when unknown: the
+    estimate then counts every layer's cache at the full context, erring high)."""
+    if not _int(model, f"{arch}.attention.sliding_window"):
+        return 0
+    given = model.metadata.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(given, list) and all(isinstance(v, bool) for v in given):
+        return sum(1 for v in given[:n_layer] if v)
+    pattern = (given if isinstance(given, int) and not isinstance(given, bool)
+               else _SWA_PATTERN.get(arch, 0))
+    if pattern <= 1:
+        return 0
+    return sum(1 for il in range(n_layer) if il % pattern < pattern - 1)
+
+
+def _matmul_bytes(info: GGUFInfo) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in info.tensors.values():
+        if (len(t.shape) == 2 and t.name != "token_embd.weight" and t.shape[1] % 8 == 0
+                and t.ggml_type not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)):
+            out[t.ggml_type.name] = out.get(t.ggml_type.name, 0) + t.nbytes
+    return out
+
+
 def _n_elements(info: GGUFInfo) -> int:
     total = 0
     for t in info.tensors.values():
@@ -285,6 +322,9 @@ def facts_from(model: GGUFInfo, proj: GGUFInfo) -> ModelFacts:
         vision_heads=_int(proj, "clip.vision.attention.head_count"),
         general_name=model.get_str("general.name") or "",
         license=licence,
+        sliding_window=_int(model, f"{arch}.attention.sliding_window"),
+        swa_layers=_swa_layers(model, arch, _int(model, f"{arch}.block_count")),
+        matmul_bytes=_matmul_bytes(model),
     )
 
 
