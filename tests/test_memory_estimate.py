@@ -106,3 +106,21 @@ def test_repacked_weights_are_counted(tmp_path: Path, capfd: pytest.CaptureFixtu
     # with GPU offload the weights live in VRAM: nothing is repacked in RAM
     gpu = estimate_files(q4, mmproj, _settings(tmp_path, **{"runtime.gpu": "on"}))
     assert gpu.repacked == 0
+
+
+FAMILIES = ["llava", "smolvlm", "qwen2.5-vl", "qwen3-vl", "gemma-3", "internvl", "lfm2-vl",
+            "moondream", "pixtral"]
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="peak RSS read from /proc")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimate_is_within_15_percent_of_a_chat_per_family(family: str, home: Path,
+                                                            tmp_path: Path) -> None:
+    """``models show``'s estimate against the peak RSS of a fresh process that loads the
+    family's pair and answers about a 512x512 image (the tiny pairs are mostly process
+    overhead and compute buffers; the full-size figures are in the README)."""
+    from edge_vlm.preflight.memcheck import measure
+
+    model, mmproj = tiny_pair(family, tmp_path)
+    result = measure(model, mmproj, n_ctx=N_CTX, image_side=512)
+    assert abs(result["error_pct"]) <= 15, result

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_vlm.gguf.constants import DYNAMIC_LOW_TOKENS, DYNAMIC_PROJECTORS
 from edge_vlm.store.manifest import ModelFacts, human_size
 
 if TYPE_CHECKING:
@@ -170,10 +171,35 @@ def lm_compute_bytes(f: ModelFacts, n_ctx: int, n_ubatch: int, flash_attn: bool)
     return n_ubatch * 4 * (widest + 4 * f.embedding_width + 2 * f.n_ff)
 
 
-def vision_compute_bytes(f: ModelFacts, flash_attn: bool) -> int:
-    """The vision encoder's compute buffer for one pass at its input size."""
+#: libmtmd's largest image-token count per dynamic-resolution projector (``clip.cpp``'s
+#: ``set_limit_image_tokens``), the image it reserves the encoder's compute buffer for
+#: whatever the image (``set_warmup_n_tokens``; reserved on the first encode even with
+#: warm-up off), and how many encoder patches make one token (Qwen-VL merges 2x2).
+_DYNAMIC_MAX_TOKENS = {"qwen2vl_merger": 4096, "qwen2.5vl_merger": 4096,
+                       "qwen3vl_merger": 4096, "pixtral": 1024}
+_RESERVED_TOKENS = {"qwen2vl_merger": 46 * 46, "qwen2.5vl_merger": 46 * 46,
+                    "qwen3vl_merger": 46 * 46, "pixtral": 256}
+_PATCHES_PER_TOKEN = {"qwen2vl_merger": 4, "qwen2.5vl_merger": 4, "qwen3vl_merger": 4}
+
+
+def vision_compute_bytes(f: ModelFacts, flash_attn: bool, detail: str = "auto",
+                         gpu: bool = False) -> int:
+    """The vision encoder's compute buffer for one pass at its input size.
+
+    A dynamic-resolution projector (Qwen-VL, Pixtral) has no fixed input size: libmtmd
+    reserves the buffer for a fixed size (46x46 tokens for Qwen-VL), or for the largest
+    pass the detail level allows when that is larger (``low``, and ``auto`` on a CPU:
+    :data:`DYNAMIC_LOW_TOKENS`; otherwise libmtmd's maximum).
+    """
     side = f.image_size or 224
     patches = (side // f.patch_size) ** 2 if f.patch_size else 256
+    if f.projector_type in DYNAMIC_PROJECTORS and f.patch_size:
+        low = detail == "low" or (detail == "auto" and not gpu)
+        tokens = (DYNAMIC_LOW_TOKENS if low
+                  else _DYNAMIC_MAX_TOKENS.get(f.projector_type, 1024))
+        tokens = max(tokens, _RESERVED_TOKENS.get(f.projector_type, 0))
+        patches = tokens * _PATCHES_PER_TOKEN.get(f.projector_type, 1)
+        side = int(patches ** 0.5) * f.patch_size
     width = f.vision_width or 1024
     ff = f.vision_ff or 4 * width
     acts = 4 * patches * (3 * width + ff) + 2 * 4 * side * side * 3
@@ -214,7 +240,7 @@ def estimate(facts: ModelFacts, model_bytes: int, mmproj_bytes: int, *, n_ctx: i
         facts, (1 << 30) - 1, ubatch, swa_full)
     swa_fixed = kv_cache_bytes(facts, 1 << 30, ubatch, swa_full) - window * (1 << 30)
     fixed = (model_bytes + repacked + copies * mmproj_bytes
-             + vision_compute_bytes(facts, flash_attn) + OVERHEAD + swa_fixed)
+             + vision_compute_bytes(facts, flash_attn, detail, gpu) + OVERHEAD + swa_fixed)
     per_token = window + (0 if flash_attn else 4 * ubatch * facts.n_head)
     base_compute = lm_compute_bytes(facts, 0, ubatch, True)
     room = avail - fixed - base_compute
@@ -229,7 +255,7 @@ def estimate(facts: ModelFacts, model_bytes: int, mmproj_bytes: int, *, n_ctx: i
         mmproj=copies * mmproj_bytes,
         kv_cache=kv_cache_bytes(facts, ctx, ubatch, swa_full),
         compute=lm_compute_bytes(facts, ctx, ubatch, flash_attn),
-        vision_compute=vision_compute_bytes(facts, flash_attn),
+        vision_compute=vision_compute_bytes(facts, flash_attn, detail, gpu),
         overhead=OVERHEAD,
         n_ctx=ctx,
         available=avail,
