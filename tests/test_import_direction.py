@@ -24,7 +24,7 @@ LOWER = ["edge_vlm.schema", "edge_vlm.images", "edge_vlm.config", "edge_vlm.erro
 HEAVY = ["llama_cpp", "textual", "starlette", "uvicorn", "ray", "torch"]
 UPPER = ["edge_vlm.backend", "edge_vlm.engine", "edge_vlm.api", "edge_vlm.loader",
          "edge_vlm.resolve", "edge_vlm.preflight", "edge_vlm.server", "edge_vlm.tui",
-         "edge_vlm.batch", "edge_vlm.cli"]
+         "edge_vlm.batch", "edge_vlm.cli", "edge_vlm.prompt_images", "edge_vlm.diagnostics"]
 
 
 @pytest.mark.parametrize("module", LOWER)
