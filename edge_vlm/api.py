@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,13 +22,14 @@ from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
 
-from edge_vlm.backend import RGBImage, SamplerParams
+from edge_vlm import diagnostics, prompt_images
+from edge_vlm.backend.sampler import check_logit_bias, json_schema_grammar
+from edge_vlm.chunks import SamplerParams
 from edge_vlm.config import Settings, load_settings
 from edge_vlm.engine import Engine, GenerationParams, PromptImage
 from edge_vlm.errors import RequestError
-from edge_vlm.images import ImagePolicy, decode_image, load_image
+from edge_vlm.images import ImagePolicy
 from edge_vlm.limits import check_request_size
 from edge_vlm.loader import LoadedModel, load_model
 from edge_vlm.prompt import RenderedPrompt
@@ -367,8 +367,6 @@ class VLM:
         images = self.load_images(request.messages, policy, image_data)
         params = self._params(request)
         if tools is not None and tools.schema is not None:  # a call is required
-            from edge_vlm.backend import json_schema_grammar
-
             params.sampler = dataclasses.replace(
                 params.sampler, grammar=json_schema_grammar(tools.schema))
         params.max_image_tokens = self.image_budget([im.detail for im in images])
@@ -421,37 +419,16 @@ class VLM:
 
     def image_policy(self) -> ImagePolicy:
         """The image policy built from the settings (the server builds its own)."""
-        s = self.settings.images
-        return ImagePolicy(
-            allow_local_files=s.allow_local_files,
-            allow_remote=s.allow_remote,
-            allowed_hosts=tuple(s.allowed_hosts),
-            max_bytes=s.max_bytes,
-            max_pixels=s.max_pixels,
-        )
+        return prompt_images.image_policy(self.settings.images)
 
     def image_budget(self, details: Sequence[str]) -> int:
         """The request's image-token budget for its images' detail levels: the highest
         detail any of them asks for (libmtmd preprocesses all images of a prompt alike)."""
-        s = self.settings.images
-        budgets = [self.info.image_token_budget(d, s.max_image_tokens, s.max_tiles)
-                   for d in details]
-        if not budgets:
-            return 0
-        return 0 if 0 in budgets else max(budgets)
+        return prompt_images.image_budget(self.info, self.settings.images, details)
 
     def max_side(self, detail: str) -> int:
         """The longest image side worth handing to the vision encoder."""
-        side = self.info.max_image_side(detail)
-        s = self.settings.images
-        budget = self.info.image_token_budget(detail, s.max_image_tokens, s.max_tiles)
-        if budget and self.info.tokens_per_tile and self.info.image_size:
-            # A token budget caps the pixels libmtmd keeps: decode no larger than that.
-            tiles_per_side = math.ceil(math.sqrt(budget / self.info.tokens_per_tile))
-            side = min(side, self.info.image_size * tiles_per_side)
-        if self.settings.images.max_side:
-            side = min(side, self.settings.images.max_side)
-        return side
+        return prompt_images.max_side(self.info, self.settings.images, detail)
 
     def load_images(
         self, messages: list[ChatMessage], policy: ImagePolicy | None = None,
@@ -459,31 +436,8 @@ class VLM:
     ) -> list[PromptImage]:
         """Read, decode and downscale every image of a conversation, in order (from
         ``image_data``, the images' bytes already read, when given)."""
-        policy = policy or self.image_policy()
-        parts = [(f"messages[{i}].content[{j}].image_url.url", part.image_url.url,
-                  part.image_url.detail or self.settings.images.detail)
-                 for i, msg in enumerate(messages) if isinstance(msg.content, list)
-                 for j, part in enumerate(msg.content) if isinstance(part, ImagePart)]
-        square = self.info.one_tile_side(self.image_budget([d for _, _, d in parts]))
-        out: list[PromptImage] = []
-        if image_data is not None and len(image_data) != len(parts):
-            raise RequestError(f"{len(image_data)} images read for {len(parts)} image parts")
-        for k, (field, url, detail) in enumerate(parts):
-            img = (load_image(url, policy, max_side=self.max_side(detail), field=field)
-                   if image_data is None else
-                   decode_image(image_data[k], max_pixels=policy.max_pixels,
-                                max_side=self.max_side(detail), field=field))
-            t0 = time.perf_counter()
-            pixels, identity = img.image, f"{img.identity}:{detail}"
-            if square and pixels.size != (square, square):
-                # Stretched, as libmtmd stretches the overview: then the overview and the
-                # only slice are one picture, encoded once (see ModelInfo.one_tile_side).
-                pixels = pixels.resize((square, square), Image.Resampling.BICUBIC)
-                identity += f":sq{square}"
-            ms = img.decode_ms + (time.perf_counter() - t0) * 1000.0
-            rgb = RGBImage(pixels.width, pixels.height, pixels.tobytes(), identity)
-            out.append(PromptImage(rgb=rgb, detail=detail, decode_ms=ms))
-        return out
+        return prompt_images.load_images(self.info, self.settings.images, messages, policy,
+                                         image_data)
 
     def render(self, messages: list[ChatMessage],
                tools: list[dict[str, Any]] | None = None) -> str:
@@ -510,8 +464,6 @@ class VLM:
             except ValueError as err:
                 raise RequestError(f"response_format: {err}", param="response_format") from None
             if schema is not None:
-                from edge_vlm.backend import json_schema_grammar
-
                 grammar = json_schema_grammar(schema, request.response_format.schema_field())
         temperature = request.temperature if request.temperature is not None else s.temperature
         return GenerationParams(
@@ -538,8 +490,6 @@ class VLM:
         any model work."""
         if not request.logit_bias:
             return ()
-        from edge_vlm.backend import check_logit_bias
-
         pairs = tuple((int(k), float(v)) for k, v in request.logit_bias.items())
         check_logit_bias(pairs, self.engine.backend.n_vocab)
         return pairs
@@ -548,14 +498,9 @@ class VLM:
 
     def debug_prompt_chunks(self, messages: list[Any]) -> list[tuple[str, list[int] | int]]:
         """The prompt as libmtmd tokenizes it: ``("text", ids)`` and ``("image", n_tokens)``."""
-        from edge_vlm.backend import TextChunk
-
         req = self._request(messages, False, {})
         images = self.load_images(req.messages)
-        prompt = self.render_prompt(req.messages)
-        with self.engine.lock, self.engine.tokenize(prompt, images) as ch:
-            return [("text", list(c.tokens)) if isinstance(c, TextChunk) else ("image", c.n_tokens)
-                    for c in ch.items]
+        return diagnostics.prompt_chunks(self.engine, self.render_prompt(req.messages), images)
 
     def debug_last_logits(self, messages: list[Any]) -> npt.NDArray[np.float32]:
         """Logits at the last prompt position (generation prompt added)."""
@@ -565,14 +510,9 @@ class VLM:
 
     def debug_image_embeddings(self, url: str) -> npt.NDArray[np.float32]:
         """The vision encoder's output for one image: ``[n_tokens, n_embd]``."""
-        from edge_vlm.backend import ImageChunk
-
         images = self.load_images(parse_request({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}]}]}).messages)
-        backend = self.engine.backend
-        with self.engine.lock, self.engine.tokenize(backend.marker, images) as chunks:
-            ch = next(c for c in chunks.items if isinstance(c, ImageChunk))
-            return backend.encode_image(chunks, ch)
+        return diagnostics.image_embeddings(self.engine, images)
 
 
 def _unknown_keyword(name: str) -> RequestError:

@@ -24,7 +24,7 @@ LOWER = ["edge_vlm.schema", "edge_vlm.images", "edge_vlm.config", "edge_vlm.erro
 HEAVY = ["llama_cpp", "textual", "starlette", "uvicorn", "ray", "torch"]
 UPPER = ["edge_vlm.backend", "edge_vlm.engine", "edge_vlm.api", "edge_vlm.loader",
          "edge_vlm.resolve", "edge_vlm.preflight", "edge_vlm.server", "edge_vlm.tui",
-         "edge_vlm.batch", "edge_vlm.cli"]
+         "edge_vlm.batch", "edge_vlm.cli", "edge_vlm.prompt_images", "edge_vlm.diagnostics"]
 
 
 @pytest.mark.parametrize("module", LOWER)
@@ -67,6 +67,47 @@ def test_no_lower_module_reads_the_settings_itself():
                 if name == "load_settings":
                     calls.append(f"{module}:{node.lineno}")
     assert calls == []
+
+
+def _llama_cpp_importers(root: Path) -> list[str]:
+    """``module:line`` of every ``import llama_cpp...`` / ``from llama_cpp... import`` under
+    ``root``, deferred ones included."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        module = import_cycles.module_name(root, path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            if any(n == "llama_cpp" or n.startswith("llama_cpp.") for n in names):
+                found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def _outside_the_backend(found: list[str]) -> list[str]:
+    """The ``module:line`` entries not in the ``edge_vlm.backend`` package."""
+    modules = [f.partition(":")[0] for f in found]
+    return [f for f, m in zip(found, modules, strict=True)
+            if m != "edge_vlm.backend" and not m.startswith("edge_vlm.backend.")]
+
+
+def test_only_the_backend_package_imports_llama_cpp():
+    found = _llama_cpp_importers(ROOT / "edge_vlm")
+    assert _outside_the_backend(found) == []
+    # the scan does see the backend's own import of the library
+    assert any(f.startswith("edge_vlm.backend._lib:") for f in found)
+
+
+def test_the_llama_cpp_check_catches_a_module_outside_the_backend(tmp_path):
+    pkg = tmp_path / "edge_vlm"
+    (pkg / "backend").mkdir(parents=True)
+    (pkg / "backend" / "__init__.py").write_text("import llama_cpp\n")
+    (pkg / "backend" / "kv.py").write_text("import llama_cpp.mtmd_cpp as mtmd\n")
+    (pkg / "backendish.py").write_text("import llama_cpp\n")
+    (pkg / "engine.py").write_text("def f():\n    from llama_cpp.mtmd_cpp import x\n")
+    found = _llama_cpp_importers(pkg)
+    assert len(found) == 4
+    assert _outside_the_backend(found) == ["edge_vlm.backendish:1", "edge_vlm.engine:2"]
 
 
 def test_the_cli_modules_do_not_import_the_cli_back():
