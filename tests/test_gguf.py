@@ -200,6 +200,25 @@ def test_writing_into_a_missing_directory_is_refused(tmp_path: Path) -> None:
         write_pair(FAMILIES["generic"], tmp_path / "nope")
 
 
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temp_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_vlm.testing import writer
+
+    arrays = writer._vision_arrays
+
+    def disk_full(*args: Any) -> Iterator[tuple[str, np.ndarray]]:  # a fake full disk
+        yield next(arrays(*args))
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "mmproj.gguf").write_bytes(b"old")
+    monkeypatch.setattr(writer, "_vision_arrays", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_pair(FAMILIES["generic"], tmp_path)
+    assert (tmp_path / "mmproj.gguf").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mmproj.gguf", "model.gguf"]
+    validate_text_model(read_gguf(tmp_path / "model.gguf"))  # written whole before the failure
+
+
 # -- broken files ---------------------------------------------------------------------------
 
 
