@@ -29,11 +29,8 @@ from edge_vlm.config import load_settings
 from edge_vlm.errors import ModelMismatchError
 from edge_vlm.resolve import shipped_model_dir
 from edge_vlm.store.fsutil import hash_file
-from edge_vlm.testing import Pair
+from edge_vlm.testing import Pair as TinyVLMPaths
 from tests.test_batch import ROOT, lines, make_images
-
-# The old name, kept for the Ctrl+C test's signature (another change edits that test).
-TinyVLMPaths = Pair
 
 PROMPTS = ["What shapes are in the image?", "How many shapes are there?"]
 
@@ -81,7 +78,7 @@ def test_worker_flags_need_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_replicas_refuse_model_files_that_differ_from_the_drivers(
-        tiny_paths: Pair, tmp_path: Path) -> None:
+        tiny_paths: TinyVLMPaths, tmp_path: Path) -> None:
     shipped = identify("default")  # by name: the digests recorded beside the shipped model
     assert shipped.by_name
     assert shipped.model_sha256 == hash_file(shipped.model_path)[0]
@@ -150,14 +147,14 @@ def test_ray_lines_equal_the_local_batch_answer_for_answer(
     assert sum(r.last_for_image for r in got) == len(items)
 
 
-def tiny_command(paths: Pair, folder: Path, out: Path, *extra: str) -> list[str]:
+def tiny_command(paths: TinyVLMPaths, folder: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "edge_vlm.cli", "batch", str(folder), "-p", "What shape?",
             "-p", "How many?", "--out", str(out), "--max-tokens", "300", "--temperature", "0",
             "--model", str(paths.model), "--mmproj", str(paths.mmproj), "--no-progress",
             *extra]
 
 
-def tiny_run(paths: Pair, folder: Path, out: Path, *, resume: bool = False,
+def tiny_run(paths: TinyVLMPaths, folder: Path, out: Path, *, resume: bool = False,
              workers: int = 2) -> Iterator[Any]:
     return run(discover([folder]), ["What shape?", "How many?"], model=paths.model,
                mmproj=paths.mmproj,
@@ -166,7 +163,7 @@ def tiny_run(paths: Pair, folder: Path, out: Path, *, resume: bool = False,
 
 
 @pytest.fixture(scope="module")
-def tiny_expected(tiny_paths: Pair,
+def tiny_expected(tiny_paths: TinyVLMPaths,
                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[Any, Any]]:
     """A folder of 12 images and the local batch's lines for it."""
     base = tmp_path_factory.mktemp("tiny")
@@ -181,7 +178,7 @@ def tiny_expected(tiny_paths: Pair,
 
 
 def test_driver_killed_mid_run_then_resume_adds_exactly_the_missing_lines(
-        ray_address: str, tiny_paths: Pair, tiny_expected: tuple[Path, Any],
+        ray_address: str, tiny_paths: TinyVLMPaths, tiny_expected: tuple[Path, Any],
         tmp_path: Path) -> None:
     folder, expected = tiny_expected
     out = tmp_path / "out.jsonl"
@@ -241,7 +238,7 @@ def test_ctrl_c_stops_the_ray_run_resumably(
 
 
 def test_a_killed_worker_is_replaced_and_every_line_is_written_once(
-        ray_address: str, tiny_paths: Pair, tiny_expected: tuple[Path, Any],
+        ray_address: str, tiny_paths: TinyVLMPaths, tiny_expected: tuple[Path, Any],
         tmp_path: Path) -> None:
     psutil = pytest.importorskip("psutil")
     folder, expected = tiny_expected
@@ -260,7 +257,7 @@ def test_a_killed_worker_is_replaced_and_every_line_is_written_once(
 
 
 def test_resume_with_a_duplicate_image_recorded_once_asks_the_copy(
-        ray_address: str, tiny_paths: Pair, tmp_path: Path) -> None:
+        ray_address: str, tiny_paths: TinyVLMPaths, tmp_path: Path) -> None:
     folder = tmp_path / "imgs"
     (a,) = make_images(folder, 1, seed=5)
     out = tmp_path / "out.jsonl"
