@@ -187,10 +187,10 @@ def run_phase(port: int, requests: int, clients: int, seed: int) -> Counter[str]
 
 def soak(requests: int, clients: int, seed: int = 0) -> dict[str, Any]:
     """Run the soak; the report (see the module docstring)."""
-    from edge_vlm.gguf.testmodels import make_tiny_vlm
+    from edge_vlm.testing import tiny_pair
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_tiny_vlm(tmp)
+        paths = tiny_pair("generic", tmp)
         proc, port = start_server(Path(tmp) / "home", paths.model, paths.mmproj)
         try:
             deadline = time.monotonic() + 120

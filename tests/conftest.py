@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -11,31 +10,44 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from edge_vlm.gguf.testmodels import TinyVLMPaths
-from edge_vlm.testing import FAMILIES, write_pair
+from edge_vlm.testing import FAMILIES, Pair, variant, write_pair
 
 
 @pytest.fixture(scope="session")
-def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> TinyVLMPaths:
+def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     """edge-vlm's generic tiny pair: a seeded random llama model + mlp mmproj (a few MB),
     written with ``edge_vlm.testing`` (gguf-py)."""
-    return TinyVLMPaths(*write_pair(FAMILIES["generic"], tmp_path_factory.mktemp("tiny"),
-                                    prefix="tiny-"))
+    return write_pair(FAMILIES["generic"], tmp_path_factory.mktemp("tiny"), prefix="tiny-")
 
 
 @pytest.fixture(scope="session")
 def mismatched_mmproj(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An mmproj that projects to 512 dims, for a 256-wide model."""
-    fam = FAMILIES["generic"]
-    wide = dataclasses.replace(fam, vision=dataclasses.replace(fam.vision, n_embd_text=512))
-    return write_pair(wide, tmp_path_factory.mktemp("mismatch"), prefix="wide-")[1]
+    wide = variant("generic", vision={"n_embd_text": 512})
+    return write_pair(wide, tmp_path_factory.mktemp("mismatch"), prefix="wide-").mmproj
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm(tiny_paths: TinyVLMPaths) -> Iterator[object]:
+def tiny_vlm(tiny_paths: Pair) -> Iterator[object]:
     import edge_vlm
 
     with edge_vlm.load(tiny_paths.model, tiny_paths.mmproj, threads=1) as vlm:
+        yield vlm
+
+
+@pytest.fixture(scope="session")
+def tiling_pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    """The tiny SmolVLM (idefics3) pair: 64-px tiles of 16 image tokens each plus an
+    overview, 256-px longest edge, begin/end and row/column tokens around the tiles."""
+    return write_pair(FAMILIES["smolvlm"], tmp_path_factory.mktemp("tiling"), prefix="tiling-")
+
+
+@pytest.fixture(scope="session")
+def tiling_vlm(tiling_pair: Pair) -> Iterator[object]:
+    """:func:`tiling_pair` loaded on the CPU (tests that need a fresh load make their own)."""
+    import edge_vlm
+
+    with edge_vlm.load(tiling_pair.model, tiling_pair.mmproj, threads=1, gpu="off") as vlm:
         yield vlm
 
 
@@ -80,9 +92,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def pair(tmp_path: Path, tiny_paths: TinyVLMPaths) -> TinyVLMPaths:
+def pair(tmp_path: Path, tiny_paths: Pair) -> Pair:
     """A private copy of the tiny model pair (tests may damage it)."""
     src = tmp_path / "src"
     src.mkdir()
-    return TinyVLMPaths(Path(shutil.copy(tiny_paths.model, src)),
-                        Path(shutil.copy(tiny_paths.mmproj, src)))
+    return Pair(Path(shutil.copy(tiny_paths.model, src)), Path(shutil.copy(tiny_paths.mmproj, src)))

@@ -19,17 +19,17 @@ from typing import Any
 import pytest
 
 from edge_vlm.config import Settings, load_settings
-from edge_vlm.gguf.testmodels import TinyVLMPaths
 from edge_vlm.server.app import ServerApp
-from edge_vlm.server.run import EdgeServer, create_server
 from edge_vlm.server.auth import AuthConfig
 from edge_vlm.server.models import Loader
+from edge_vlm.server.run import EdgeServer, create_server
+from edge_vlm.testing import Pair
 
 TOKEN = "test-token-0123456789"
 NO_CONFIG = Path("/nonexistent/edge-vlm-test-config.toml")
 
 
-def server_settings(paths: TinyVLMPaths | None, **overrides: Any) -> Settings:
+def server_settings(paths: Pair | None, **overrides: Any) -> Settings:
     """Settings for a test server: the tiny model (or the shipped one), port 0, 2 threads."""
     base: dict[str, Any] = {"server.port": 0, "runtime.threads": 2}
     if paths is not None:

@@ -11,21 +11,19 @@ import json
 import random
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image, ImageDraw
 
-import edge_vlm
 from edge_vlm.batch import BatchItem, ResultWriter, batch, discover, read_manifest
 from edge_vlm.batch.bench import benchmark, make_shapes_images
 from edge_vlm.batch.inputs import BatchInputError, read_schema_file
 from edge_vlm.batch.resume import ResumeIndex
 from edge_vlm.cli import main as cli_main
 from edge_vlm.errors import ModelNotFoundError
-from edge_vlm.gguf.testmodels import TinyVLMPaths
+from edge_vlm.testing import Pair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +60,7 @@ def lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def model_flags(paths: TinyVLMPaths) -> list[str]:
+def model_flags(paths: Pair) -> list[str]:
     return ["--model", str(paths.model), "--mmproj", str(paths.mmproj), "--threads", "1"]
 
 
@@ -96,10 +94,10 @@ def ask(vlm: Any, image: Path, prompt: str, **kw: Any) -> str:
     return str(reply.choices[0].message.content)
 
 
-@pytest.fixture(scope="module")
-def vlm(tiny_paths: TinyVLMPaths) -> Iterator[Any]:
-    with edge_vlm.load(tiny_paths.model, tiny_paths.mmproj, threads=1) as model:
-        yield model
+@pytest.fixture
+def vlm(tiny_vlm: Any) -> Any:
+    """The session's tiny pair, loaded once (conftest); tests that compare answers reset it."""
+    return tiny_vlm
 
 
 # -- inputs ----------------------------------------------------------------------------
@@ -305,7 +303,7 @@ def test_benchmark_entry_encodes_each_image_once(vlm: Any, tmp_path: Path) -> No
 # -- the command on the tiny model -----------------------------------------------------
 
 
-def test_corrupt_and_unsupported_images_become_error_lines(tiny_paths: TinyVLMPaths,
+def test_corrupt_and_unsupported_images_become_error_lines(tiny_paths: Pair,
                                                            tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]
                                                            ) -> None:
@@ -341,7 +339,7 @@ def test_corrupt_and_unsupported_images_become_error_lines(tiny_paths: TinyVLMPa
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_schema_run_writes_parsed_json_that_validates(tiny_paths: TinyVLMPaths, tmp_path: Path,
+def test_schema_run_writes_parsed_json_that_validates(tiny_paths: Pair, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "imgs"
     make_images(folder, 3, seed=6)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_vlm.gguf.testmodels import TinyVLMPaths
+from edge_vlm.testing import Pair
 from tests.test_batch import ROOT, lines, make_images, model_flags
 
 
-def command(paths: TinyVLMPaths, folder: Path, out: Path, *extra: str) -> list[str]:
+def command(paths: Pair, folder: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "edge_vlm.cli", "batch", str(folder), "-p", "What shape?",
             "-p", "How many?", "--out", str(out), "--max-tokens", "300", "--temperature", "0",
             *model_flags(paths), *extra]
@@ -40,7 +40,7 @@ def start_and_wait_for_lines(cmd: list[str], out: Path, n: int,
 
 
 def test_sigkill_mid_run_then_resume_gives_exactly_one_line_per_answer(
-        tiny_paths: TinyVLMPaths, tmp_path: Path) -> None:
+        tiny_paths: Pair, tmp_path: Path) -> None:
     folder = tmp_path / "imgs"
     paths = make_images(folder, 12, seed=7)
     out = tmp_path / "out.jsonl"
@@ -73,7 +73,7 @@ def test_sigkill_mid_run_then_resume_gives_exactly_one_line_per_answer(
 
 
 def test_ctrl_c_stops_after_the_current_answer_and_resume_completes(
-        tiny_paths: TinyVLMPaths, tmp_path: Path) -> None:
+        tiny_paths: Pair, tmp_path: Path) -> None:
     folder = tmp_path / "imgs"
     make_images(folder, 12, seed=8)
     out = tmp_path / "out.jsonl"

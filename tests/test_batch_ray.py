@@ -27,9 +27,9 @@ from edge_vlm.batch.inputs import BatchInputError
 from edge_vlm.cli import main as cli_main
 from edge_vlm.config import load_settings
 from edge_vlm.errors import ModelMismatchError
-from edge_vlm.gguf.testmodels import TinyVLMPaths
 from edge_vlm.resolve import shipped_model_dir
 from edge_vlm.store.fsutil import hash_file
+from edge_vlm.testing import Pair as TinyVLMPaths
 from tests.test_batch import ROOT, lines, make_images
 
 PROMPTS = ["What shapes are in the image?", "How many shapes are there?"]

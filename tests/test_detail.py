@@ -8,45 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import edge_vlm
 from edge_vlm.backend import ImageChunk, RGBImage
-from edge_vlm.gguf import (
-    CHAT_SPECIAL_TOKENS,
-    Idefics3ProjectorSpec,
-    TextModelSpec,
-    build_spm_vocab,
-    llama_tensor_shapes,
-    write_idefics3_mmproj,
-    write_llama_model,
-)
-from edge_vlm.gguf.testmodels import TINY_WORDS
 
-# Tokens libmtmd's idefics3 path looks up around tiles.
-IDEFICS3_TOKENS = ("<fake_token_around_image>", "<global-img>",
-                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)))
-
-
-def _random(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {n: (np.ones(s, np.float32) if len(s) == 1 else
-                (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32))
-            for n, s in shapes.items()}
-
-
-@pytest.fixture(scope="module")
-def tiling_vlm(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    d = tmp_path_factory.mktemp("idefics3")
-    vocab = build_spm_vocab(TINY_WORDS, (*CHAT_SPECIAL_TOKENS, *IDEFICS3_TOKENS),
-                            newline_tokens=True, eot="<|end|>")
-    spec = TextModelSpec(n_embd=256, n_layer=1, n_head=4, n_head_kv=2, n_ff=512, n_ctx=2048)
-    model = write_llama_model(d / "m.gguf", spec, vocab,
-                              _random(llama_tensor_shapes(spec, len(vocab)), 1))
-    proj = Idefics3ProjectorSpec(image_size=64, patch_size=16, n_embd=64, n_ff=128, n_layer=2,
-                                 n_head=4, n_embd_text=256, scale_factor=2,
-                                 preproc_image_size=256)
-    mmproj = write_idefics3_mmproj(d / "mmproj.gguf", proj, _random(proj.tensor_shapes(), 2))
-    with edge_vlm.load(model, mmproj, threads=1, gpu="off") as vlm:
-        yield vlm
+# tiling_vlm (conftest): the tiny SmolVLM pair, 64-px tiles, 256-px longest edge.
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +56,10 @@ def test_detail_is_part_of_the_cache_identity(tiling_vlm, photo):
 
 def test_budget_tokens_follow_max_tiles(photo, tiling_vlm):
     info = tiling_vlm.info
-    assert info.tokens_per_tile == 4  # (64/16)^2 / 2^2
-    assert info.image_token_budget("auto", None, 4) == 16
-    assert info.image_token_budget("auto", 40, 4) == 16
+    assert info.tokens_per_tile == 16  # (64/8)^2 / 2^2
+    assert info.image_token_budget("auto", None, 4) == 64
+    assert info.image_token_budget("auto", 100, 4) == 64  # four tiles are fewer tokens
+    assert info.image_token_budget("auto", 40, 4) == 40  # 40 tokens are fewer than 4 tiles
     assert info.image_token_budget("high", 40, 4) == 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_vlm.gguf.testmodels import TinyVLMPaths, make_tiny_vlm
+from edge_vlm.testing import Pair, variant, write_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("EDGE_VLM_FAULT_ROUNDS", "6"))
@@ -69,14 +69,14 @@ def _installed(home: Path) -> dict[str, dict[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def larger_pair(tmp_path_factory: pytest.TempPathFactory) -> TinyVLMPaths:
+def larger_pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     """A pair large enough (tens of MB) that a kill can land inside a copy."""
-    return make_tiny_vlm(tmp_path_factory.mktemp("larger"), n_layer=6, n_ff=2048,
-                         dtype="F32", prefix="larger")
+    big = variant("generic", text={"n_layer": 12, "n_ff": 2048})  # about 45 MB in F16
+    return write_pair(big, tmp_path_factory.mktemp("larger"), prefix="larger-")
 
 
 def test_kill_9_during_models_import_never_leaves_a_half_model(
-        larger_pair: TinyVLMPaths, tmp_path: Path) -> None:
+        larger_pair: Pair, tmp_path: Path) -> None:
     home = tmp_path / "home"
     base = ["models", "import", str(larger_pair.model), "--mmproj", str(larger_pair.mmproj)]
     cmd = [sys.executable, "-m", "edge_vlm.cli", *base]
@@ -124,7 +124,7 @@ def _make_images(folder: Path, n: int) -> list[Path]:
 
 
 def test_kill_9_during_batch_then_resume_gives_every_line_once(
-        tiny_paths: TinyVLMPaths, tmp_path: Path) -> None:
+        tiny_paths: Pair, tmp_path: Path) -> None:
     home = tmp_path / "home"
     folder = tmp_path / "imgs"
     paths = _make_images(folder, 8)

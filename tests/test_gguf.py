@@ -1,4 +1,5 @@
-"""Tests of edge_vlm.gguf: writer, vocabulary, builders, bounded reader and validators."""
+"""Tests of edge_vlm.gguf (bounded reader, validators, vocabulary) on files written by
+llama.cpp's `gguf` package through edge_vlm.testing, and on hostile bytes."""
 
 from __future__ import annotations
 
@@ -13,38 +14,23 @@ import pytest
 
 from edge_vlm.errors import ModelLoadError, ModelNotFoundError
 from edge_vlm.gguf import (
-    CHAT_SPECIAL_TOKENS,
     SPACE,
     ArraySummary,
     GGMLType,
     GGUFInfo,
     GGUFValueType,
-    GGUFWriter,
-    Idefics3ProjectorSpec,
-    MLPProjectorSpec,
-    TextModelSpec,
-    TinyVLMPaths,
     TokenType,
     build_spm_vocab,
-    llama_tensor_shapes,
-    make_tiny_vlm,
     mmproj_output_width,
     read_gguf,
     text_embedding_width,
-    tiny_vocab,
     validate_mmproj,
     validate_text_model,
-    write_idefics3_mmproj,
-    write_llama_model,
-    write_mlp_mmproj,
 )
+from edge_vlm.testing import FAMILIES, Pair, family_vocab, variant, write_pair
 
 V = GGUFValueType
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyVLMPaths:
-    return make_tiny_vlm(tmp_path_factory.mktemp("tiny"))
+CHAT_SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
 def _rewrite(
@@ -55,23 +41,31 @@ def _rewrite(
     kv: dict[str, Any] | None = None,
     types: dict[str, GGUFValueType] | None = None,
 ) -> Path:
-    """Copy a (small) GGUF file, dropping a tensor or replacing metadata values/types."""
-    w = GGUFWriter(out, alignment=info.alignment)
+    """Copy a (small) GGUF file with llama.cpp's ``gguf`` writer, dropping a tensor or
+    replacing metadata values/types: hostile input for the validators."""
+    import gguf
+
+    w = gguf.GGUFWriter(out, str(info.metadata["general.architecture"]))
     kv, types = kv or {}, types or {}
     for key, value in info.metadata.items():
-        if key == "general.alignment":
+        if key in ("general.alignment", "general.architecture"):
             continue
         assert not isinstance(value, ArraySummary), "rewrite only files with short arrays"
         vtype, etype = info.value_types[key]
-        w.add(key, kv.get(key, value), types.get(key, vtype), etype)
+        w.add_key_value(key, kv.get(key, value), gguf.GGUFValueType(int(types.get(key, vtype))),
+                        None if etype is None else gguf.GGUFValueType(int(etype)))
     raw = info.path.read_bytes()
     for t in info.tensors.values():
         if t.name == drop_tensor:
             continue
         dt = {GGMLType.F32: "<f4", GGMLType.F16: "<f2"}[t.ggml_type]
         arr = np.frombuffer(raw, dt, count=t.nbytes // np.dtype(dt).itemsize, offset=t.offset)
-        w.add_tensor(t.name, arr.reshape(tuple(reversed(t.shape))), t.ggml_type)
-    return w.write()
+        w.add_tensor(t.name, arr.reshape(tuple(reversed(t.shape))))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
 
 
 def _header(*, version: int = 3, n_tensors: int = 0, n_kv: int = 0, body: bytes = b"") -> bytes:
@@ -86,30 +80,36 @@ def _tensor_entry(name: str, ne: list[int], gtype: int = 0, offset: int = 0) -> 
     return _gguf_str(name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, gtype, offset)
 
 
-# -- writer ---------------------------------------------------------------------------------
+# -- what llama.cpp's gguf writer writes, the bounded reader reads ---------------------------
 
 
-def test_writer_round_trip(tmp_path: Path) -> None:
-    w = GGUFWriter(tmp_path / "rt.gguf")
+def test_reader_reads_every_value_type_and_tensor_layout(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "rt.gguf"
+    w = gguf.GGUFWriter(path, "llama")
     w.add_uint32("a.u32", 7)
     w.add_int32("a.i32", -3)
     w.add_uint64("a.u64", 2**40)
     w.add_float32("a.f32", 0.5)
     w.add_bool("a.bool", True)
     w.add_string("a.str", "héllo {{ x }}")
-    w.add_array("a.floats", [0.25, 0.5, 0.75], V.FLOAT32)
-    w.add_array("a.strs", ["x", "▁y", ""], V.STRING)
-    w.add_array("a.long", list(range(1000)), V.INT32)
+    w.add_array("a.floats", [0.25, 0.5, 0.75])
+    w.add_array("a.strs", ["x", "▁y", ""])
+    w.add_key_value("a.long", list(range(1000)), gguf.GGUFValueType.ARRAY,
+                    gguf.GGUFValueType.INT32)
     rng = np.random.default_rng(0)
     mats = {
-        "m2": rng.standard_normal((3, 5)).astype(np.float32),
+        "m2": rng.standard_normal((3, 5)).astype(np.float16),
         "v1": rng.standard_normal(7).astype(np.float32),
         "c4": rng.standard_normal((4, 3, 2, 2)).astype(np.float32),
     }
-    w.add_tensor("m2", mats["m2"], "F16")
-    w.add_tensor("v1", mats["v1"], "F32")
-    w.add_tensor("c4", mats["c4"], "F32")
-    path = w.write()
+    for name, arr in mats.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
     info = read_gguf(path)
     md = info.metadata
@@ -119,35 +119,17 @@ def test_writer_round_trip(tmp_path: Path) -> None:
     assert md["a.long"] == ArraySummary(V.INT32, 1000)
     assert info.value_types["a.u32"] == (V.UINT32, None)
     assert info.value_types["a.strs"] == (V.ARRAY, V.STRING)
-    assert md["general.alignment"] == 32
+    assert info.alignment == 32
     raw = path.read_bytes()
     for name, arr in mats.items():
         t = info.tensors[name]
         assert t.shape == tuple(reversed(arr.shape))  # ggml ne order
+        assert t.ggml_type == (GGMLType.F16 if name == "m2" else GGMLType.F32)
         assert t.offset % 32 == 0
-        dt = "<f2" if name == "m2" else "<f4"
-        got = np.frombuffer(raw, dt, count=arr.size, offset=t.offset).reshape(arr.shape)
-        np.testing.assert_allclose(got, arr, rtol=1e-3)
+        got = np.frombuffer(raw, arr.dtype.newbyteorder("<"), count=arr.size,
+                            offset=t.offset).reshape(arr.shape)
+        np.testing.assert_array_equal(got, arr)
     assert list(info.tensors) == ["m2", "v1", "c4"]
-
-
-def test_writer_refuses_bad_input_and_leaves_no_file(tmp_path: Path) -> None:
-    w = GGUFWriter(tmp_path / "x.gguf")
-    w.add_uint32("k", 1)
-    with pytest.raises(ValueError, match="twice"):
-        w.add_uint32("k", 2)
-    with pytest.raises(ValueError, match="does not fit"):
-        w.add_uint32("neg", -1)
-    with pytest.raises(ValueError, match="bytes"):
-        w.add_tensor("n" * 64, np.zeros(4), "F32")
-    with pytest.raises(ValueError, match="dims"):
-        w.add_tensor("five", np.zeros((1, 1, 1, 1, 2)), "F32")
-    (tmp_path / "x.gguf").write_bytes(b"old")
-    w.add_tensor("big", np.array([1e6], np.float32), "F16")  # beyond the F16 range
-    with pytest.raises(ValueError, match="inf"):
-        w.write()
-    assert (tmp_path / "x.gguf").read_bytes() == b"old"  # atomic: old file untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]  # no temp file left
 
 
 # -- vocabulary -----------------------------------------------------------------------------
@@ -183,75 +165,58 @@ def test_vocab_every_word_is_one_token(seed: int) -> None:
     assert v.tokenize(sentence) == [v.token_id(w) for w in spaced]
 
 
-# -- builders -------------------------------------------------------------------------------
+# -- the tiny pairs of edge_vlm.testing --------------------------------------------------
 
 
-def _mlp_spec(**kw: Any) -> MLPProjectorSpec:
-    args: dict[str, Any] = dict(
-        image_size=32, patch_size=16, n_embd=32, n_ff=48, n_layer=2, n_head=2, n_embd_text=64
-    )
-    return MLPProjectorSpec(**(args | kw))
-
-
-def _random(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {n: rng.standard_normal(s).astype(np.float32) * 0.02 for n, s in shapes.items()}
-
-
-def test_write_mlp_mmproj_refuses_missing_tensor(tmp_path: Path) -> None:
-    spec = _mlp_spec()
-    weights = _random(spec.tensor_shapes())
-    del weights["mm.2.weight"]
-    with pytest.raises(ValueError, match=r"missing 'mm.2.weight'"):
-        write_mlp_mmproj(tmp_path / "p.gguf", spec, weights)
-    assert not list(tmp_path.iterdir())
-
-
-def test_write_llama_model_refuses_bad_weights(tmp_path: Path) -> None:
-    spec = TextModelSpec(n_embd=64, n_layer=1, n_head=2, n_head_kv=1, n_ff=96)
-    vocab = tiny_vocab()
-    weights = _random(llama_tensor_shapes(spec, len(vocab)))
-    weights["blk.0.ffn_up.weight"] = weights["blk.0.ffn_up.weight"].T
-    weights["blk.7.attn_q.weight"] = np.zeros((64, 64), np.float32)
-    with pytest.raises(ValueError, match=r"unexpected 'blk.7.attn_q.weight'.*ffn_up.*\[96, 64\]"):
-        write_llama_model(tmp_path / "m.gguf", spec, vocab, weights)
-    assert not list(tmp_path.iterdir())
-    with pytest.raises(ValueError, match="n_head_kv"):
-        TextModelSpec(n_embd=64, n_layer=1, n_head=2, n_head_kv=3, n_ff=96)
+def test_a_vision_spec_llama_cpp_would_misread_is_refused() -> None:
     with pytest.raises(ValueError, match="swap"):
-        _mlp_spec(n_ff=32)
+        variant("generic", vision={"n_ff": 64})  # n_ff == n_embd: clip.cpp swaps up/down
 
 
-def test_idefics3_mmproj_validates(tmp_path: Path) -> None:
-    spec = Idefics3ProjectorSpec(
-        image_size=64,
-        patch_size=16,
-        n_embd=32,
-        n_ff=48,
-        n_layer=1,
-        n_head=2,
-        n_embd_text=64,
-        scale_factor=2,
-    )
-    path = write_idefics3_mmproj(tmp_path / "i.gguf", spec, _random(spec.tensor_shapes()))
-    info = read_gguf(path)
+def test_idefics3_mmproj_validates(tiling_pair: Pair) -> None:
+    info = read_gguf(tiling_pair.mmproj)
     validate_mmproj(info)
-    assert mmproj_output_width(info) == 64
-    assert info.tensors["mm.model.fc.weight"].shape == (32 * 4, 64)
+    assert mmproj_output_width(info) == 256
+    assert info.tensors["mm.model.fc.weight"].shape == (64 * 4, 256)  # pixel shuffle by 2
     assert info.tensors["v.patch_embd.weight"].ggml_type == GGMLType.F32
     assert info.metadata["clip.vision.projector.scale_factor"] == 2
 
 
-def test_tiny_vlm_is_valid_and_deterministic(tmp_path: Path, tiny: TinyVLMPaths) -> None:
-    model, mmproj = read_gguf(tiny.model), read_gguf(tiny.mmproj)
+def test_tiny_vlm_is_valid_and_deterministic(tmp_path: Path, tiny_paths: Pair) -> None:
+    model, mmproj = read_gguf(tiny_paths.model), read_gguf(tiny_paths.mmproj)
     validate_text_model(model)
     validate_mmproj(mmproj)
     assert text_embedding_width(model) == mmproj_output_width(mmproj) == 256
-    assert tiny.model.stat().st_size + tiny.mmproj.stat().st_size < 8_000_000
-    again = make_tiny_vlm(tmp_path)
-    assert again.model.read_bytes() == tiny.model.read_bytes()
-    odd = make_tiny_vlm(tmp_path, projection_width=128, prefix="odd")
+    assert tiny_paths.model.stat().st_size + tiny_paths.mmproj.stat().st_size < 8_000_000
+    again = write_pair(FAMILIES["generic"], tmp_path)
+    assert again.model.read_bytes() == tiny_paths.model.read_bytes()
+    assert again.mmproj.read_bytes() == tiny_paths.mmproj.read_bytes()
+    odd = write_pair(variant("generic", vision={"n_embd_text": 128}), tmp_path, prefix="odd-")
     assert mmproj_output_width(read_gguf(odd.mmproj)) == 128
+
+
+def test_writing_into_a_missing_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_pair(FAMILIES["generic"], tmp_path / "nope")
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temp_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_vlm.testing import writer
+
+    arrays = writer._vision_arrays
+
+    def disk_full(*args: Any) -> Iterator[tuple[str, np.ndarray]]:  # a fake full disk
+        yield next(arrays(*args))
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "mmproj.gguf").write_bytes(b"old")
+    monkeypatch.setattr(writer, "_vision_arrays", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_pair(FAMILIES["generic"], tmp_path)
+    assert (tmp_path / "mmproj.gguf").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mmproj.gguf", "model.gguf"]
+    validate_text_model(read_gguf(tmp_path / "model.gguf"))  # written whole before the failure
 
 
 # -- broken files ---------------------------------------------------------------------------
@@ -315,9 +280,9 @@ def test_broken_files(tmp_path: Path, content: bytes, message: str) -> None:
         read_gguf(path)
 
 
-def test_truncated_at_many_points(tmp_path: Path, tiny: TinyVLMPaths) -> None:
-    data = tiny.mmproj.read_bytes()
-    info = read_gguf(tiny.mmproj)
+def test_truncated_at_many_points(tmp_path: Path, tiny_paths: Pair) -> None:
+    data = tiny_paths.mmproj.read_bytes()
+    info = read_gguf(tiny_paths.mmproj)
     cuts = [2, 9, 30, 200, info.data_offset - 1, info.data_offset + 5000, len(data) - 1]
     for cut in cuts:
         path = tmp_path / f"cut{cut}.gguf"
@@ -339,15 +304,15 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         read_gguf(tmp_path)
 
 
-def test_model_and_mmproj_swapped(tiny: TinyVLMPaths) -> None:
+def test_model_and_mmproj_swapped(tiny_paths: Pair) -> None:
     with pytest.raises(
         ModelLoadError,
         match=r"is a language model \(architecture 'llama'\), "
         "not an mmproj: pass it as --model",
     ):
-        validate_mmproj(read_gguf(tiny.model))
+        validate_mmproj(read_gguf(tiny_paths.model))
     with pytest.raises(ModelLoadError, match=r"is an mmproj.*pass it as --mmproj"):
-        validate_text_model(read_gguf(tiny.mmproj))
+        validate_text_model(read_gguf(tiny_paths.mmproj))
 
 
 @pytest.mark.parametrize(
@@ -361,15 +326,15 @@ def test_model_and_mmproj_swapped(tiny: TinyVLMPaths) -> None:
     ],
 )
 def test_broken_mmproj(
-    tmp_path: Path, tiny: TinyVLMPaths, change: dict[str, Any], message: str
+    tmp_path: Path, tiny_paths: Pair, change: dict[str, Any], message: str
 ) -> None:
-    path = _rewrite(read_gguf(tiny.mmproj), tmp_path / "p.gguf", **change)
+    path = _rewrite(read_gguf(tiny_paths.mmproj), tmp_path / "p.gguf", **change)
     with pytest.raises(ModelLoadError, match=message):
         validate_mmproj(read_gguf(path))
 
 
-def test_broken_text_model(tmp_path: Path, tiny: TinyVLMPaths) -> None:
-    info = read_gguf(tiny.model, max_array_items=10_000)
+def test_broken_text_model(tmp_path: Path, tiny_paths: Pair) -> None:
+    info = read_gguf(tiny_paths.model, max_array_items=10_000)
     path = _rewrite(info, tmp_path / "m.gguf", drop_tensor="blk.1.ffn_up.weight")
     with pytest.raises(ModelLoadError, match=r"lacks tensor 'blk.1.ffn_up.weight'"):
         validate_text_model(read_gguf(path))
@@ -379,10 +344,10 @@ def test_broken_text_model(tmp_path: Path, tiny: TinyVLMPaths) -> None:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny: TinyVLMPaths) -> Iterator[Any]:
+def backend(tiny_paths: Pair) -> Iterator[Any]:
     from edge_vlm.backend import Backend, BackendConfig
 
-    b = Backend(BackendConfig(model_path=tiny.model, mmproj_path=tiny.mmproj, n_ctx=512,
+    b = Backend(BackendConfig(model_path=tiny_paths.model, mmproj_path=tiny_paths.mmproj, n_ctx=512,
                               n_batch=256, threads=1, n_gpu_layers=0, mmproj_use_gpu=False,
                               flash_attn="auto"))
     yield b
@@ -390,7 +355,7 @@ def backend(tiny: TinyVLMPaths) -> Iterator[Any]:
 
 
 def test_llama_cpp_tokenizes_words_and_end_as_single_tokens(backend: Any) -> None:
-    v = tiny_vocab()
+    v = family_vocab("generic")
     assert backend.tokenize_text("Describe the picture", add_special=False,
                                  parse_special=True) == [
         v.token_id("▁Describe"),
@@ -414,7 +379,7 @@ def test_llama_cpp_tokenizes_words_and_end_as_single_tokens(backend: Any) -> Non
     ],
 )
 def test_python_tokenizer_matches_llama_cpp(backend: Any, text: str) -> None:
-    assert tiny_vocab().tokenize(text, add_bos=True) == backend.tokenize_text(
+    assert family_vocab("generic").tokenize(text, add_bos=True) == backend.tokenize_text(
         text, add_special=True, parse_special=True)
 
 

@@ -9,21 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import edge_vlm
 from edge_vlm.errors import ModelLoadError
-from edge_vlm.gguf import (
-    CHAT_SPECIAL_TOKENS,
-    TextModelSpec,
-    build_spm_vocab,
-    llama_tensor_shapes,
-    write_llama_model,
-)
-from edge_vlm.gguf.testmodels import TINY_WORDS, TinyVLMPaths
 from edge_vlm.schema import parse_messages
 from edge_vlm.template import ChatTemplate
+from edge_vlm.testing import Pair, variant, write_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,15 +85,10 @@ def test_a_template_that_refuses_the_probe_by_its_own_rules_is_accepted():
 
 
 def _model_with_template(folder: Path, template: str) -> Path:
-    vocab = build_spm_vocab(TINY_WORDS, CHAT_SPECIAL_TOKENS, newline_tokens=True, eot="<|end|>")
-    spec = TextModelSpec(n_embd=256, n_layer=1, n_head=4, n_head_kv=2, n_ff=512, n_ctx=512,
-                         chat_template=template)
-    rng = np.random.default_rng(0)
-    weights = {n: (np.ones(s, np.float32) if len(s) == 1 else
-                   (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32))
-               for n, s in llama_tensor_shapes(spec, len(vocab)).items()}
+    """The generic tiny language model with ``template`` as its chat template."""
     folder.mkdir(parents=True, exist_ok=True)
-    return write_llama_model(folder / "hostile-model.gguf", spec, vocab, weights)
+    fam = variant("generic", chat_template=template, text={"n_layer": 1, "n_ctx": 512})
+    return write_pair(fam, folder, prefix="hostile-").model
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +97,7 @@ def hostile_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_loading_a_model_with_a_hostile_template_fails_with_the_reason(
-        hostile_model: Path, tiny_paths: TinyVLMPaths):
+        hostile_model: Path, tiny_paths: Pair):
     with pytest.raises(ModelLoadError, match="argument 4000000000 is too large"):
         edge_vlm.load(hostile_model, tiny_paths.mmproj, threads=1)
 
@@ -128,7 +115,7 @@ def _run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_models_import_refuses_a_hostile_template_naming_the_reason(
-        hostile_model: Path, tiny_paths: TinyVLMPaths, tmp_path: Path):
+        hostile_model: Path, tiny_paths: Pair, tmp_path: Path):
     home = tmp_path / "home"
     proc = _run(home, "models", "import", str(hostile_model), "--mmproj",
                 str(tiny_paths.mmproj), "--name", "hostile")
@@ -165,7 +152,7 @@ def test_ordinary_formatting_is_not_mistaken_for_an_attack(source):
 
 
 def test_serve_reports_a_hostile_template_instead_of_loading_forever(
-        hostile_model: Path, tiny_paths: TinyVLMPaths, tmp_path: Path):
+        hostile_model: Path, tiny_paths: Pair, tmp_path: Path):
     import socket
     import time
 

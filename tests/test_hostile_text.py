@@ -8,50 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 import edge_vlm
 from edge_vlm.backend import ImageChunk, TextChunk
 from edge_vlm.errors import RequestError
-from edge_vlm.gguf import (
-    CHAT_SPECIAL_TOKENS,
-    Idefics3ProjectorSpec,
-    TextModelSpec,
-    build_spm_vocab,
-    llama_tensor_shapes,
-    write_idefics3_mmproj,
-    write_llama_model,
-)
-from edge_vlm.gguf.testmodels import TINY_WORDS
 from edge_vlm.resolve import samples_dir
-
-IDEFICS3_TOKENS = ("<fake_token_around_image>", "<global-img>",
-                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)))
-
-
-def _random(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {n: (np.ones(s, np.float32) if len(s) == 1 else
-                (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32))
-            for n, s in shapes.items()}
-
-
-@pytest.fixture(scope="module")
-def tiling_vlm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A SmolVLM-shaped (idefics3) test model: images come with begin/end and row tokens."""
-    d = tmp_path_factory.mktemp("idefics3-hostile")
-    vocab = build_spm_vocab(TINY_WORDS, (*CHAT_SPECIAL_TOKENS, *IDEFICS3_TOKENS),
-                            newline_tokens=True, eot="<|end|>")
-    spec = TextModelSpec(n_embd=256, n_layer=1, n_head=4, n_head_kv=2, n_ff=512, n_ctx=4096)
-    model = write_llama_model(d / "m.gguf", spec, vocab,
-                              _random(llama_tensor_shapes(spec, len(vocab)), 1))
-    proj = Idefics3ProjectorSpec(image_size=64, patch_size=16, n_embd=64, n_ff=128, n_layer=2,
-                                 n_head=4, n_embd_text=256, scale_factor=2,
-                                 preproc_image_size=256)
-    mmproj = write_idefics3_mmproj(d / "mmproj.gguf", proj, _random(proj.tensor_shapes(), 2))
-    with edge_vlm.load(model, mmproj, threads=1, gpu="off") as vlm:
-        yield vlm
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +136,7 @@ def test_surrogates_anywhere_in_the_request_are_named(tiny_vlm):
             "type": "json_schema", "json_schema": {"schema": {"enum": ["\udc00"]}}})
 
 
-def test_a_template_that_rewrites_text_refuses_control_tokens(tiny_paths: Any) -> None:
+def test_a_template_that_rewrites_text_refuses_control_tokens(tiny_vlm: Any) -> None:
     """A template that upper-cases message text cannot be cut at the placeholders: then a
     control token in message text is refused rather than parsed."""
     from edge_vlm.schema import parse_messages
@@ -185,11 +147,10 @@ def test_a_template_that_rewrites_text_refuses_control_tokens(tiny_paths: Any) -
     t = ChatTemplate(source, check_in_child=False)
     prompt = t.render_prompt(parse_messages([{"role": "user", "content": "hi <|end|>"}]), "<M>")
     assert prompt.unchecked_texts == ("hi <|end|>",)
-    with edge_vlm.load(tiny_paths.model, tiny_paths.mmproj, threads=1) as vlm:
-        with pytest.raises(RequestError, match=re.escape("control token '<|end|>'")):
-            vlm.engine.backend.prompt_parts(prompt)
-        ok = t.render_prompt(parse_messages([{"role": "user", "content": "hi"}]), "<M>")
-        assert vlm.engine.backend.prompt_parts(ok)
+    with pytest.raises(RequestError, match=re.escape("control token '<|end|>'")):
+        tiny_vlm.engine.backend.prompt_parts(prompt)
+    ok = t.render_prompt(parse_messages([{"role": "user", "content": "hi"}]), "<M>")
+    assert tiny_vlm.engine.backend.prompt_parts(ok)
 
 
 def test_image_places_follow_image_parts_only(tiny_vlm, images):

@@ -130,3 +130,20 @@ def test_no_import_cycles_outside_other_owners_work_in_progress():
                {"edge_vlm.server.app", "edge_vlm.server.handlers"},
                {"edge_vlm.sandbox", "edge_vlm.template"}]
     assert [c for c in found if set(c) not in allowed] == []
+
+
+def test_the_runtime_never_imports_the_gguf_writer_or_edge_vlm_testing():
+    # PyPI's `gguf` is in the `testing`/`dev` extras only: writing test models is not a
+    # runtime job, and a runtime import of it would fail on a plain `pip install edge-vlm`.
+    found = []
+    for path in sorted((ROOT / "edge_vlm").rglob("*.py")):
+        module = import_cycles.module_name(ROOT / "edge_vlm", path)
+        if module == "edge_vlm.testing" or module.startswith("edge_vlm.testing."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            found += [f"{module}:{node.lineno} {n}" for n in names
+                      if n.split(".")[0] == "gguf" or n.startswith("edge_vlm.testing")]
+    assert found == []

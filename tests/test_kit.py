@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_vlm.gguf.testmodels import TinyVLMPaths
 from edge_vlm.kit.build import SELFCHECK_ANSWER, build_kit
 from edge_vlm.kit.installer import SUMS
+from edge_vlm.testing import Pair
 
 pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def _install(kit: Path, prefix: Path, tmp: Path, *extra: str,
 
 
 @pytest.fixture(scope="module")
-def kit(tmp_path_factory: pytest.TempPathFactory, tiny_paths: TinyVLMPaths) -> Path:
+def kit(tmp_path_factory: pytest.TempPathFactory, tiny_paths: Pair) -> Path:
     """A kit of this checkout with the shipped model and one store model (tiny, 3 MB)."""
     base = tmp_path_factory.mktemp("kit")
     pair = tiny_paths

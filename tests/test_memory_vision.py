@@ -15,44 +15,10 @@ from PIL import Image
 import edge_vlm
 from edge_vlm.config import load_settings
 from edge_vlm.errors import GenerationError
-from edge_vlm.gguf import (
-    CHAT_SPECIAL_TOKENS,
-    Idefics3ProjectorSpec,
-    TextModelSpec,
-    build_spm_vocab,
-    llama_tensor_shapes,
-    write_idefics3_mmproj,
-    write_llama_model,
-)
-from edge_vlm.gguf.testmodels import TINY_WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "shapes-vlm"
-IDEFICS3_TOKENS = ("<fake_token_around_image>", "<global-img>",
-                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)))
-
-
-def _random(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {n: (np.ones(s, np.float32) if len(s) == 1 else
-                (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32))
-            for n, s in shapes.items()}
-
-
-@pytest.fixture(scope="module")
-def tiling_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny SmolVLM-style pair: idefics3 projector, 64-px tiles, 256-px longest edge."""
-    d = tmp_path_factory.mktemp("idefics3-mem")
-    vocab = build_spm_vocab(TINY_WORDS, (*CHAT_SPECIAL_TOKENS, *IDEFICS3_TOKENS),
-                            newline_tokens=True, eot="<|end|>")
-    spec = TextModelSpec(n_embd=256, n_layer=1, n_head=4, n_head_kv=2, n_ff=512, n_ctx=2048)
-    model = write_llama_model(d / "m.gguf", spec, vocab,
-                              _random(llama_tensor_shapes(spec, len(vocab)), 1))
-    proj = Idefics3ProjectorSpec(image_size=64, patch_size=16, n_embd=64, n_ff=128, n_layer=2,
-                                 n_head=4, n_embd_text=256, scale_factor=2,
-                                 preproc_image_size=256)
-    mmproj = write_idefics3_mmproj(d / "mmproj.gguf", proj, _random(proj.tensor_shapes(), 2))
-    return model, mmproj
+# tiling_pair (conftest): the tiny SmolVLM pair, 64-px tiles, 256-px longest edge.
 
 
 @pytest.fixture(scope="module")

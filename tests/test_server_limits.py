@@ -324,9 +324,9 @@ def test_waiting_for_a_model_is_bounded(tiny_paths: Any, images: dict[str, Path]
 
 def test_one_resident_model_swaps_when_idle(tiny_paths: Any, tmp_path: Path,
                                             images: dict[str, Path]) -> None:
-    from edge_vlm.gguf.testmodels import make_tiny_vlm
+    from edge_vlm.testing import FAMILIES, write_pair
 
-    other = make_tiny_vlm(tmp_path, seed=1, prefix="other")
+    other = write_pair(FAMILIES["generic"], tmp_path, seed=1, prefix="other-")
     settings = server_settings(tiny_paths, **{"server.max_loaded_models": 1})
     manager = ModelManager(settings)
     a = manager.default_spec()

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from edge_vlm.errors import ModelLoadError, ModelNotFoundError
-from edge_vlm.gguf.testmodels import TinyVLMPaths, make_tiny_vlm
 from edge_vlm.store.store import Store
+from edge_vlm.testing import FAMILIES, Pair, variant, write_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def sha256(path: Path) -> str:
 # -- import, list, show, resolution ---------------------------------------------------------
 
 
-def test_import_list_show_and_load_by_name(home: Path, pair: TinyVLMPaths, capsys) -> None:
+def test_import_list_show_and_load_by_name(home: Path, pair: Pair, capsys) -> None:
     rc, out, err = cli(capsys, "import", str(pair.model), "--mmproj", str(pair.mmproj),
                        "--name", "Tiny")
     assert rc == 0, err
@@ -126,7 +126,7 @@ def test_same_files_twice_share_blobs_and_rm_keeps_shared(home, pair, capsys) ->
 
 
 def test_name_taken_by_another_model_is_refused(home, pair, tmp_path, capsys) -> None:
-    other = make_tiny_vlm(tmp_path, seed=3, prefix="other")
+    other = write_pair(FAMILIES["generic"], tmp_path, seed=3, prefix="other-")
     assert cli(capsys, "import", str(pair.model), "--mmproj", str(pair.mmproj),
                "--name", "m")[0] == 0
     rc, _, err = cli(capsys, "import", str(other.model), "--mmproj", str(other.mmproj),
@@ -312,7 +312,7 @@ def test_broken_files_are_refused_and_nothing_is_registered(home, pair, tmp_path
 
 def test_pair_from_different_models_names_both_widths_and_files(home, pair, tmp_path,
                                                                 capsys) -> None:
-    wide = make_tiny_vlm(tmp_path, projection_width=512, prefix="wide")
+    wide = write_pair(variant("generic", vision={"n_embd_text": 512}), tmp_path, prefix="wide-")
     rc, _, err = cli(capsys, "import", str(pair.model), "--mmproj", str(wide.mmproj))
     assert rc == 2
     assert "projects to 512 dims" in err and "expects 256" in err

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from edge_vlm.gguf.testmodels import TinyVLMPaths
 from edge_vlm.store.store import Store
+from edge_vlm.testing import Pair
 from tests.test_store import cli, store_files
 
 REPO = "test-org/tiny-vlm-GGUF"
@@ -141,7 +141,7 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
 
 
 @pytest.fixture
-def hub(tiny_paths: TinyVLMPaths) -> Iterator[Hub]:
+def hub(tiny_paths: Pair) -> Iterator[Hub]:
     state = Hub({MODEL_FILE: tiny_paths.model.read_bytes(),
                  MMPROJ_FILE: tiny_paths.mmproj.read_bytes()})
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))

@@ -71,9 +71,9 @@ def setup(fmt: str) -> ToolSetup:
 def test_each_family_is_recognised_by_its_template() -> None:
     for fmt, source in TEMPLATES.items():
         assert detect_format(source) == fmt
-    from edge_vlm.gguf.builders import DEFAULT_CHAT_TEMPLATE
+    from edge_vlm.testing.templates import GENERIC
 
-    assert detect_format(DEFAULT_CHAT_TEMPLATE) is None
+    assert detect_format(GENERIC) is None
 
 
 @pytest.mark.parametrize("fmt,text", [
@@ -138,10 +138,10 @@ def test_a_required_call_needs_tools_and_a_template_that_has_them() -> None:
 
 @pytest.fixture(scope="module")
 def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from edge_vlm.gguf.testmodels import make_tiny_vlm
+    from edge_vlm.testing import variant, write_pair
 
-    return make_tiny_vlm(tmp_path_factory.mktemp("toolmodel"), prefix="tools",
-                         chat_template=TEMPLATES["hermes"])
+    return write_pair(variant("generic", chat_template=TEMPLATES["hermes"]),
+                      tmp_path_factory.mktemp("toolmodel"), prefix="tools-")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from typing import Any
 from textual.pilot import Pilot
 
 from edge_vlm.config import Settings, load_settings
-from edge_vlm.gguf.testmodels import TinyVLMPaths
 from edge_vlm.schema import (
     ChatCompletionChunk,
     ChunkChoice,
@@ -20,6 +19,7 @@ from edge_vlm.schema import (
     GenerationStats,
     ImageStats,
 )
+from edge_vlm.testing import Pair
 from edge_vlm.tui.app import ChatApp
 from edge_vlm.tui.conversation import ConversationStore
 from edge_vlm.tui.session import ChatModel, load_chat_model
@@ -45,7 +45,7 @@ async def wait_until(pilot: Pilot[Any], condition: Callable[[], bool], timeout: 
     await pilot.pause()
 
 
-def tiny_loader(paths: TinyVLMPaths) -> Callable[[str | None, str | None, Settings], ChatModel]:
+def tiny_loader(paths: Pair) -> Callable[[str | None, str | None, Settings], ChatModel]:
     """Loads the tiny model whatever the app names (the app's own choice is recorded)."""
     def load(model: str | None, mmproj: str | None, settings: Settings) -> ChatModel:
         return load_chat_model(str(paths.model), str(paths.mmproj), settings)

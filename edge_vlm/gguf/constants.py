@@ -146,13 +146,6 @@ class TokenType(IntEnum):
     BYTE = 6
 
 
-class FileType(IntEnum):
-    """``general.file_type`` values for the types the writer produces."""
-
-    ALL_F32 = 0
-    MOSTLY_F16 = 1
-
-
 #: mmproj projector types whose preprocessing cuts large images into tiles plus an overview.
 TILING_PROJECTORS = frozenset({"idefics3", "llama4", "lfm2", "internvl", "minicpmv"})
 

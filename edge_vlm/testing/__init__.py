@@ -16,13 +16,32 @@ family's own. Writing needs llama.cpp's ``gguf`` package (``pip install
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from edge_vlm.testing.families import FAMILIES, FULL_SIZE, Family
 from edge_vlm.testing.families import family as _family
 
-__all__ = ["FAMILIES", "FULL_SIZE", "Family", "family_names", "tiny_pair", "write_pair"]
+if TYPE_CHECKING:
+    from edge_vlm.gguf.vocab import Vocab
+
+__all__ = ["FAMILIES", "FULL_SIZE", "Family", "Pair", "family_names", "family_vocab",
+           "tiny_pair", "variant", "write_pair"]
+
+
+class Pair(NamedTuple):
+    """A written model pair (a tuple: ``model, mmproj = tiny_pair(...)`` works too).
+
+    Attributes:
+        model: The language model GGUF.
+        mmproj: The vision projector GGUF.
+    """
+
+    model: Path
+    mmproj: Path
 
 
 def family_names() -> list[str]:
@@ -31,7 +50,7 @@ def family_names() -> list[str]:
 
 
 def write_pair(fam: Family, out_dir: str | os.PathLike[str], *, seed: int = 0,
-               n_vocab: int | None = None, prefix: str = "") -> tuple[Path, Path]:
+               n_vocab: int | None = None, prefix: str = "") -> Pair:
     """Write ``{prefix}model.gguf`` and ``{prefix}mmproj.gguf`` for a family spec.
 
     Args:
@@ -44,9 +63,10 @@ def write_pair(fam: Family, out_dir: str | os.PathLike[str], *, seed: int = 0,
         prefix: File-name prefix.
 
     Returns:
-        ``(model_path, mmproj_path)``.
+        ``Pair(model, mmproj)``.
 
     Raises:
+        FileNotFoundError: ``out_dir`` does not exist.
         ImportError: ``gguf`` is not installed (names the extra to install).
     """
     import numpy as np
@@ -61,11 +81,10 @@ def write_pair(fam: Family, out_dir: str | os.PathLike[str], *, seed: int = 0,
     model = write_text_model(out / f"{prefix}model.gguf", fam, vocab, rng=rng,
                              tiny=n_vocab is None)
     mmproj = write_mmproj(out / f"{prefix}mmproj.gguf", fam, rng=rng)
-    return model, mmproj
+    return Pair(model, mmproj)
 
 
-def tiny_pair(family: str, out_dir: str | os.PathLike[str],
-              seed: int = 0) -> tuple[Path, Path]:
+def tiny_pair(family: str, out_dir: str | os.PathLike[str], seed: int = 0) -> Pair:
     """Write a tiny random model pair of a VLM family into ``out_dir``.
 
     Args:
@@ -76,10 +95,53 @@ def tiny_pair(family: str, out_dir: str | os.PathLike[str],
         seed: Weight seed.
 
     Returns:
-        ``(model_path, mmproj_path)``.
+        ``Pair(model, mmproj)``.
 
     Raises:
         KeyError: Unknown family (the message lists the known ones).
         ImportError: ``gguf`` is not installed.
     """
     return write_pair(_family(family), out_dir, seed=seed)
+
+
+def variant(fam: Family | str, *, text: Mapping[str, Any] | None = None,
+            vision: Mapping[str, Any] | None = None, **fields: Any) -> Family:
+    """A copy of a family with some shapes, keys or fields changed (still only data).
+
+    ::
+
+        wide = variant("generic", vision={"n_embd_text": 512})   # a mismatched mmproj
+        tools = variant("generic", chat_template=HERMES)          # another chat template
+        big = variant("generic", text={"n_layer": 12, "n_ff": 2048})
+
+    Args:
+        fam: A family or the name of a tiny one.
+        text: :class:`~edge_vlm.testing.specs.TextSpec` fields to change.
+        vision: :class:`~edge_vlm.testing.specs.VisionSpec` fields to change.
+        **fields: :class:`Family` fields to change (``chat_template``, ``name``, ...).
+
+    Returns:
+        The changed family.
+
+    Raises:
+        KeyError: Unknown family name.
+        TypeError: A field that the spec or family does not have.
+    """
+    base = _family(fam) if isinstance(fam, str) else fam
+    changed = dataclasses.replace(base.text, **(text or {}))
+    projector = dataclasses.replace(base.vision, **(vision or {}))
+    return dataclasses.replace(base, text=changed, vision=projector, **fields)
+
+
+def family_vocab(fam: Family | str) -> Vocab:
+    """The tiny vocabulary a family's pair is written with (to compare token ids).
+
+    Args:
+        fam: A family or the name of a tiny one.
+
+    Returns:
+        The vocabulary: the tiny words, byte tokens and the family's special tokens.
+    """
+    from edge_vlm.testing.writer import family_vocab as _vocab
+
+    return _vocab(_family(fam) if isinstance(fam, str) else fam)

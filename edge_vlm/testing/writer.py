@@ -18,13 +18,23 @@ from typing import Any
 import numpy as np
 
 from edge_vlm.gguf.constants import TokenType
-from edge_vlm.gguf.testmodels import TINY_WORDS
 from edge_vlm.gguf.vocab import SPACE, Vocab, build_spm_vocab
 from edge_vlm.testing._gguf import require_gguf
 from edge_vlm.testing.families import Family
 from edge_vlm.testing.specs import Shape, TextSpec, VisionSpec
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+_WORDS = """
+a an the this that it is are there what which where how many describe image picture photo
+shows show of in on at to and with left right top bottom middle center red green blue yellow
+orange purple black white gray pink brown circle square triangle star shape shapes color colors
+object objects one two three four five six zero yes no big small large
+What Which Where How Describe Is Are There The A
+"""
+TINY_WORDS: tuple[str, ...] = (*(SPACE + w for w in _WORDS.split()), ".", "?", ",")
+"""The words of the tiny vocabulary (each one token, "▁"-prefixed where it follows a space);
+a tiny pair's output layer scores only these, so answers read as words."""
 
 
 def family_vocab(fam: Family, n_vocab: int | None = None) -> Vocab:
