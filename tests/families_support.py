@@ -3,7 +3,7 @@
 ``mtmd_helper_eval_chunks`` is llama.cpp's reference way to evaluate a tokenized
 multimodal prompt (M-RoPE positions, non-causal image attention, batching); this module
 drives it through llama-cpp-python's ctypes bindings, independently of edge-vlm's engine,
-and decodes greedily. Tests may import llama_cpp; the runtime does so only in backend.py.
+and decodes greedily. Tests may import llama_cpp; the runtime does so only in edge_vlm/backend/
 """
 
 from __future__ import annotations
