@@ -239,11 +239,20 @@ _ITERATION_THREADS_WAIT_S = 30.0
 
 
 def _wait_for_iteration_threads(before: set[threading.Thread]) -> None:
-    """Wait (up to 30 s in all) for Ray Data's iteration threads started since ``before``."""
+    """Wait (up to 30 s in all) for Ray Data's iteration threads started since ``before``;
+    a KeyboardInterrupt meanwhile (Ctrl+C twice) is raised once they are done."""
     deadline = time.monotonic() + _ITERATION_THREADS_WAIT_S
+    interrupted = False
     for thread in threading.enumerate():
-        if thread not in before and thread.name.startswith(_ITERATION_THREADS):
-            thread.join(max(0.0, deadline - time.monotonic()))
+        if thread in before or not thread.name.startswith(_ITERATION_THREADS):
+            continue
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:
+                interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 class RayRunError(EdgeVLMError):
