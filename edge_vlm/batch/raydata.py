@@ -119,7 +119,8 @@ def run_ray(items: list[BatchItem], base: tuple[str, ...], plan: Plan, model: Mo
     if started:
         _init(ray, opts, settings)
     try:
-        yield from _passes(ray, items, base, plan, model, settings, opts, writer, stop)
+        if stop is None or not stop.is_set():  # not stopped while Ray was starting
+            yield from _passes(ray, items, base, plan, model, settings, opts, writer, stop)
     finally:
         if started:
             # Finalize what still refers to Ray objects while the core worker is alive
