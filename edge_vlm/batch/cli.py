@@ -14,8 +14,12 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edge_vlm.batch.summary import BatchSummary
 
 _EPILOG = """\
 examples:
@@ -150,33 +154,45 @@ def main(args: argparse.Namespace) -> int:
                                  quiet=not settings.runtime.verbose)
 
     err = sys.stderr
-    with ResultWriter.open(args.out, resume=args.resume, overwrite=args.overwrite) as writer:
-        if writer.kept or writer.dropped or writer.truncated:
-            print(_resume_note(writer), file=err)
-        stop = threading.Event()
-        results = run(items, prompts, model=args.model, mmproj=args.mmproj, settings=settings,
-                      options=options, out=writer, stop=stop,
-                      engine="local" if ray_options is None else "ray", ray=ray_options)
-        progress = BatchProgress(len(items), enabled=not args.no_progress)
-        with _StopOnSigint(stop, err), progress:
+    stop = threading.Event()
+    progress = BatchProgress(len(items), enabled=not args.no_progress)
+    # The handler is in place from the moment the results file is open until the summary
+    # is printed, so Ctrl+C at any point (loading the model, starting Ray, answering,
+    # leaving Ray) ends with the summary and exit code 130, the results file resumable.
+    with _StopOnSigint(stop, err) as sigint:
+        with ResultWriter.open(args.out, resume=args.resume,
+                               overwrite=args.overwrite) as writer:
+            if writer.kept or writer.dropped or writer.truncated:
+                print(_resume_note(writer), file=err)
             try:
-                for result in results:
-                    progress.update(result)
-            except KeyboardInterrupt:
+                results = run(items, prompts, model=args.model, mmproj=args.mmproj,
+                              settings=settings, options=options, out=writer, stop=stop,
+                              engine="local" if ray_options is None else "ray",
+                              ray=ray_options)
+                try:
+                    with progress:
+                        for result in results:
+                            progress.update(result)
+                finally:
+                    results.close()  # releases the model, or stops and leaves Ray
+            except KeyboardInterrupt:  # the second Ctrl+C
                 stop.set()
-            finally:
-                results.close()
-    summary = progress.summary
+            sigint.winding_down()
+        return _report(progress.summary, stop, writer.path, err)
+
+
+def _report(summary: BatchSummary, stop: threading.Event, path: Path, err: Any) -> int:
+    """Print the summary; the exit code."""
     summary.interrupted = stop.is_set() and summary.images_remaining > 0
     print(f"edge-vlm batch: {summary.describe()}", file=err)
     if summary.interrupted:
         print(f"edge-vlm batch: stopped; continue with the same command and --resume "
-              f"(results so far are in {writer.path})", file=err)
+              f"(results so far are in {path})", file=err)
         return 130
     if summary.answers_failed:
         total = summary.answers_ok + summary.answers_failed
         print(f"edge-vlm batch: {summary.answers_failed} of {total} answers failed; their "
-              f"lines in {writer.path} carry the error (--resume retries them)", file=err)
+              f"lines in {path} carry the error (--resume retries them)", file=err)
         return 1
     return 0
 
@@ -193,23 +209,38 @@ def _resume_note(writer: Any) -> str:
 
 
 class _StopOnSigint:
-    """First Ctrl+C: set ``stop`` (finish the current answer). Second: KeyboardInterrupt."""
+    """First Ctrl+C: set ``stop`` (finish the current answer). Second: KeyboardInterrupt
+    (stop at once). Later ones while the run winds down are noted and ignored, so the
+    clean-up (the model released, Ray left) finishes and the summary is printed."""
 
     def __init__(self, stop: threading.Event, err: Any) -> None:
         self._stop = stop
         self._err = err
         self._old: Any = None
+        self._presses = 0
+
+    def winding_down(self) -> None:
+        """The run is over: from now on Ctrl+C is only noted."""
+        self._presses = max(self._presses, 2)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self._stop.is_set():
-            raise KeyboardInterrupt
+        self._presses += 1
         self._stop.set()
-        print("\nedge-vlm batch: stopping after the current answer (Ctrl+C again to stop at "
-              "once)", file=self._err, flush=True)
+        if self._presses == 1:
+            self._say("stopping after the current answer (Ctrl+C again to stop at once)")
+        elif self._presses == 2:
+            self._say("stopping at once")
+            raise KeyboardInterrupt
+        else:
+            self._say("still stopping: the results so far are kept")
 
-    def __enter__(self) -> None:
+    def _say(self, text: str) -> None:
+        print(f"\nedge-vlm batch: {text}", file=self._err, flush=True)
+
+    def __enter__(self) -> _StopOnSigint:
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self._old is not None:

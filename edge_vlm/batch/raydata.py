@@ -20,11 +20,13 @@ Ray is an optional dependency (``pip install 'edge-vlm[ray]'``), imported only h
 from __future__ import annotations
 
 import base64
+import gc
 import logging
 import os
 import pickle
 import re
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,13 +113,19 @@ def run_ray(items: list[BatchItem], base: tuple[str, ...], plan: Plan, model: Mo
     writes them to ``writer`` (when given) before yielding. Starts Ray (or connects) on
     the first ``next()`` and shuts it down at the end unless it was already running."""
     ray = import_ray()
+    if stop is not None and stop.is_set():
+        return  # stopped (Ctrl+C) while the batch was being prepared: do not start Ray
     started = not ray.is_initialized()
     if started:
         _init(ray, opts, settings)
     try:
-        yield from _passes(ray, items, base, plan, model, settings, opts, writer, stop)
+        if stop is None or not stop.is_set():  # not stopped while Ray was starting
+            yield from _passes(ray, items, base, plan, model, settings, opts, writer, stop)
     finally:
         if started:
+            # Finalize what still refers to Ray objects while the core worker is alive
+            # (see _wait_for_iteration_threads).
+            gc.collect()
             ray.shutdown()
 
 
@@ -205,6 +213,7 @@ def _stream(ray: Any, items: list[BatchItem], todo: list[int], base: tuple[str, 
         fn_constructor_kwargs={"model": model, "settings": settings, "threads": threads,
                                "plan": plan, "base": base,
                                "recorded": [ray.put(recorded)]})
+    before = set(threading.enumerate())
     it = ds.iter_rows()
     try:
         for row in it:
@@ -215,6 +224,36 @@ def _stream(ray: Any, items: list[BatchItem], todo: list[int], base: tuple[str, 
         close = getattr(it, "close", None)
         if close is not None:
             close()
+        _wait_for_iteration_threads(before)
+
+
+# Ray Data runs an iteration's pipeline (fetching each block with ray.get, formatting
+# rows) in threads of its own, named so in Ray 2.x; closing the iterator signals them but
+# does not join them. A thread still winding down when ray.shutdown() runs finalizes its
+# generators against a core worker that is gone, and Ray then ends the whole process at
+# once with exit code 1, printing nothing (its log line "The core worker has already been
+# shutdown ... The process will exit" is below the log level set in _init): after Ctrl+C
+# the driver died without its summary. Its other new thread ("Prefetcher") parks idle for
+# the life of the process holding no object, so it is not waited for.
+_ITERATION_THREADS = ("iter_threaded", "map_tp_")
+_ITERATION_THREADS_WAIT_S = 30.0
+
+
+def _wait_for_iteration_threads(before: set[threading.Thread]) -> None:
+    """Wait (up to 30 s in all) for Ray Data's iteration threads started since ``before``;
+    a KeyboardInterrupt meanwhile (Ctrl+C twice) is raised once they are done."""
+    deadline = time.monotonic() + _ITERATION_THREADS_WAIT_S
+    interrupted = False
+    for thread in threading.enumerate():
+        if thread in before or not thread.name.startswith(_ITERATION_THREADS):
+            continue
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:
+                interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 class RayRunError(EdgeVLMError):
