@@ -87,6 +87,7 @@ def run_cli(binary: Path, args: argparse.Namespace, images: list[Path],
         cmd += ["--image", str(img)]
     cmd += ["-p", prompt, "-n", str(args.max_tokens), "-t", str(args.threads),
             "-c", str(args.n_ctx), "--temp", "0", "--seed", "0",
+            "--jinja",  # the model's own chat template, as edge-vlm renders it
             "-lv", "4"]  # info level: libmtmd's timings and llama.cpp's perf report
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
