@@ -419,7 +419,7 @@ class VLM:
 
     def image_policy(self) -> ImagePolicy:
         """The image policy built from the settings (the server builds its own)."""
-        return prompt_images.image_policy(self.settings.images)
+        return ImagePolicy.from_settings(self.settings.images)
 
     def image_budget(self, details: Sequence[str]) -> int:
         """The request's image-token budget for its images' detail levels: the highest

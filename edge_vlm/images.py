@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import io
 import math
@@ -24,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,6 +38,9 @@ from edge_vlm.errors import (
     RemoteImageDisabledError,
     UnsupportedImageError,
 )
+
+if TYPE_CHECKING:
+    from edge_vlm.config import ImageSettings
 
 #: Pillow format names decoded; nothing else is handed to a Pillow parser.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -61,6 +66,16 @@ class ImagePolicy:
     """Largest image accepted, in pixels (width x height, read from the header)."""
     fetch_timeout_s: float = 10.0
     """Time allowed for one remote download, redirects included."""
+
+    @classmethod
+    def from_settings(cls, s: ImageSettings, **changes: Any) -> ImagePolicy:
+        """The policy of the ``[images]`` settings; ``changes`` replace fields (the server
+        reads local files only under its media root)."""
+        return dataclasses.replace(
+            cls(allow_local_files=s.allow_local_files, allow_remote=s.allow_remote,
+                allowed_hosts=tuple(s.allowed_hosts), max_bytes=s.max_bytes,
+                max_pixels=s.max_pixels),
+            **changes)
 
 
 @dataclass(frozen=True)

@@ -22,17 +22,6 @@ from edge_vlm.loader import ModelInfo
 from edge_vlm.schema import ChatMessage, ImagePart
 
 
-def image_policy(s: ImageSettings) -> ImagePolicy:
-    """The image policy built from the image settings (the server builds its own)."""
-    return ImagePolicy(
-        allow_local_files=s.allow_local_files,
-        allow_remote=s.allow_remote,
-        allowed_hosts=tuple(s.allowed_hosts),
-        max_bytes=s.max_bytes,
-        max_pixels=s.max_pixels,
-    )
-
-
 def image_budget(info: ModelInfo, s: ImageSettings, details: Sequence[str]) -> int:
     """A request's image-token budget for its images' detail levels: the highest detail
     any of them asks for (libmtmd preprocesses all images of a prompt alike)."""
@@ -73,7 +62,7 @@ def load_images(
         RequestError: ``image_data`` does not hold one entry per image part.
         ImageError: an image could not be read or is not allowed.
     """
-    policy = policy or image_policy(s)
+    policy = policy or ImagePolicy.from_settings(s)
     parts = [(f"messages[{i}].content[{j}].image_url.url", part.image_url.url,
               part.image_url.detail or s.detail)
              for i, msg in enumerate(messages) if isinstance(msg.content, list)

@@ -207,7 +207,10 @@ def _stream(ray: Any, items: list[BatchItem], todo: list[int], base: tuple[str, 
     # (Map(_Reader)->MapBatches(_Answerer)): the bytes are read where they are answered and
     # never cross the object store, and an image costs one Ray task, not two.
     gpus = opts.gpus_per_worker or None
-    ds = ds.map(_Reader(image_policy(settings)), num_cpus=threads, num_gpus=gpus)
+    from edge_vlm.images import ImagePolicy
+
+    ds = ds.map(_Reader(ImagePolicy.from_settings(settings.images)), num_cpus=threads,
+                num_gpus=gpus)
     ds = ds.map_batches(
         _Answerer, batch_size=1, concurrency=opts.workers, num_cpus=threads, num_gpus=gpus,
         fn_constructor_kwargs={"model": model, "settings": settings, "threads": threads,
@@ -274,16 +277,6 @@ def _edge_error(err: Exception) -> EdgeVLMError:
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return RayRunError(f"the Ray run failed ({type(err).__name__}: {first}); the results "
                        "written so far are kept: fix the cause and run again with --resume")
-
-
-def image_policy(settings: Settings) -> ImagePolicy:
-    """The image policy of the settings (as :meth:`edge_vlm.api.VLM.image_policy`)."""
-    from edge_vlm.images import ImagePolicy
-
-    s = settings.images
-    return ImagePolicy(allow_local_files=s.allow_local_files, allow_remote=s.allow_remote,
-                       allowed_hosts=tuple(s.allowed_hosts), max_bytes=s.max_bytes,
-                       max_pixels=s.max_pixels)
 
 
 class _Reader:

@@ -25,13 +25,10 @@ from edge_vlm.schema import ChatCompletionRequest, ImagePart
 def server_image_policy(settings: Settings) -> ImagePolicy:
     """The image policy of ``edge-vlm serve``, from the image and server settings."""
     media_root = settings.server.allowed_local_media_path
-    return ImagePolicy(
+    return ImagePolicy.from_settings(
+        settings.images,
         allow_local_files=media_root is not None,
         allowed_local_roots=(Path(media_root).expanduser(),) if media_root else (),
-        allow_remote=settings.images.allow_remote,
-        allowed_hosts=tuple(settings.images.allowed_hosts),
-        max_bytes=settings.images.max_bytes,
-        max_pixels=settings.images.max_pixels,
     )
 
 
