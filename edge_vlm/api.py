@@ -29,7 +29,7 @@ from edge_vlm.chunks import SamplerParams
 from edge_vlm.config import Settings, load_settings
 from edge_vlm.engine import Engine, GenerationParams, PromptImage
 from edge_vlm.errors import RequestError
-from edge_vlm.images import ImagePolicy
+from edge_vlm.image_source import ImagePolicy
 from edge_vlm.limits import check_request_size
 from edge_vlm.loader import LoadedModel, load_model
 from edge_vlm.prompt import RenderedPrompt

@@ -1,81 +1,33 @@
-"""Read, check and decode the images users attach to chat messages.
+"""Decode and check the images users attach to chat messages.
 
-Images are untrusted: every source (``data:`` URL, local file, ``http(s)``) is size-capped
-before it is read in full, only PNG, JPEG, WEBP, GIF and BMP reach a Pillow decoder, and
-the pixel count is checked from the header before any pixel is decoded. The result is an
+Images are untrusted: their bytes are read under the policy of :mod:`edge_vlm.image_source`
+(size-capped before they are read in full), only PNG, JPEG, WEBP, GIF and BMP reach a
+Pillow decoder, and the pixel count is checked from the header before any pixel is
+decoded. The result is an
 RGB image, turned upright from its EXIF orientation and downscaled, plus a stable
 ``identity`` the runtime can use as a cache key.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import dataclasses
 import hashlib
 import io
 import math
-import os
 import re
-import stat
 import struct
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from edge_vlm import netfetch
-from edge_vlm.errors import (
-    EdgeVLMError,
-    ImageError,
-    ImageTooLargeError,
-    RemoteImageDisabledError,
-    UnsupportedImageError,
-)
-
-if TYPE_CHECKING:
-    from edge_vlm.config import ImageSettings
+from edge_vlm.errors import EdgeVLMError, ImageError, ImageTooLargeError, UnsupportedImageError
+from edge_vlm.image_source import ImagePolicy, field_error, read_image_source
 
 #: Pillow format names decoded; nothing else is handed to a Pillow parser.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
-
-
-@dataclass(frozen=True)
-class ImagePolicy:
-    """Where images may come from and how large they may be."""
-
-    allow_local_files: bool = True
-    """Whether local paths and ``file://`` URLs are read (the server: only with roots)."""
-    allowed_local_roots: tuple[Path, ...] = ()
-    """When non-empty, a local file's real path must lie under one of these folders."""
-    allow_remote: bool = False
-    """Whether ``http(s)`` URLs are fetched (off: edge-vlm is meant to run air-gapped)."""
-    allowed_hosts: tuple[str, ...] = ()
-    """Hosts fetched even when they are (or resolve to) loopback or private addresses."""
-    max_bytes: int = 20 * 1024 * 1024
-    """Largest encoded image accepted, in bytes."""
-    max_pixels: int = 50_000_000
-    """Largest image accepted, in pixels (width x height, read from the header)."""
-    fetch_timeout_s: float = 10.0
-    """Time allowed for one remote download, redirects included."""
-
-    @classmethod
-    def from_settings(cls, s: ImageSettings, **changes: Any) -> ImagePolicy:
-        """The policy of the ``[images]`` settings; ``changes`` replace fields (the server
-        reads local files only under its media root)."""
-        return dataclasses.replace(
-            cls(allow_local_files=s.allow_local_files, allow_remote=s.allow_remote,
-                allowed_hosts=tuple(s.allowed_hosts), max_bytes=s.max_bytes,
-                max_pixels=s.max_pixels),
-            **changes)
 
 
 @dataclass(frozen=True)
@@ -121,183 +73,6 @@ def load_image(
     return decode_image(data, max_pixels=policy.max_pixels, max_side=max_side, field=field)
 
 
-def read_image_source(url: str, policy: ImagePolicy, field: str) -> tuple[bytes, str]:
-    """Read an image's encoded bytes from any source the policy allows.
-
-    Args:
-        url: A ``data:`` URL, a local path or ``file://`` URL, or an ``http(s)`` URL.
-        policy: Which sources are allowed and the byte limit.
-        field: The request field the URL came from, named in every error.
-
-    Returns:
-        The bytes and a short description of where they came from, fit for logs.
-
-    Raises:
-        ImageError: The source is refused, missing, unreadable or too large.
-    """
-    text = url.strip()
-    if not text:
-        raise _error(field, "the image URL is empty; give a data: URL or a path")
-    lowered = text[:8].lower()
-    if lowered.startswith("data:"):
-        return _read_data_url(text, policy.max_bytes, field)
-    if lowered.startswith(("http://", "https://")):
-        if not policy.allow_remote:
-            raise _error(
-                field,
-                f"{_preview(text)} is an http(s) URL but remote images are off; "
-                "pass --allow-remote-images or set images.allow_remote = true",
-                RemoteImageDisabledError,
-            )
-        return netfetch.fetch(
-            text,
-            max_bytes=policy.max_bytes,
-            timeout_s=policy.fetch_timeout_s,
-            allowed_hosts=policy.allowed_hosts,
-            field=field,
-        )
-    if lowered.startswith("file:"):
-        parts = urllib.parse.urlsplit(text)
-        if parts.netloc not in ("", "localhost"):
-            raise _error(
-                field,
-                f"{_preview(text)} names host {parts.netloc!r}; file:// URLs must be "
-                "local (file:///path/to/image.png)",
-            )
-        return _read_local(urllib.request.url2pathname(parts.path), text, policy, field)
-    scheme = _SCHEME.match(text)
-    if scheme:
-        raise _error(
-            field,
-            f"{_preview(text)} uses unsupported scheme {scheme.group(1)!r}; "
-            "give a data: URL, a local path, or an http(s) URL",
-        )
-    return _read_local(text, text, policy, field)
-
-
-def _preview(value: str, limit: int = 80) -> str:
-    """The value quoted, shortened so a multi-megabyte data URL does not flood a log."""
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}... ({len(value)} characters)"
-
-
-def _read_data_url(url: str, max_bytes: int, field: str) -> tuple[bytes, str]:
-    header, comma, payload = url[5:].partition(",")
-    if not comma:
-        raise _error(
-            field,
-            f"data URL {_preview(url)} has no ',' before the data; "
-            "use data:image/png;base64,<base64 data>",
-        )
-    mime, *params = [part.strip().lower() for part in header.split(";")]
-    if mime and not mime.startswith("image/"):
-        raise _error(
-            field,
-            f"data URL has MIME type {mime!r}, not an image; "
-            "use data:image/png;base64,... (or the image's own type)",
-        )
-    if "base64" not in params:
-        raise _error(
-            field,
-            f"data URL {_preview(url)} is not base64-encoded; "
-            "use data:<image type>;base64,<base64 data>",
-        )
-    if not payload:
-        raise _error(field, f"data URL {_preview(url)} holds no data")
-    # Refuse before decoding: base64 turns every 3 bytes into 4 characters.
-    if len(payload) > 4 * math.ceil(max_bytes / 3):
-        raise _too_large(field, f"data URL ({len(payload)} base64 characters)", max_bytes)
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise _error(
-            field,
-            f"data URL {_preview(url)} is not valid base64 ({exc}); use the standard "
-            "alphabet with '=' padding and no line breaks",
-        ) from exc
-    if len(data) > max_bytes:
-        raise _too_large(field, "data URL", max_bytes)
-    return data, f"data URL ({mime or 'no type'}, {len(data)} bytes)"
-
-
-def _read_local(path_text: str, shown: str, policy: ImagePolicy, field: str) -> tuple[bytes, str]:
-    where = _preview(shown)
-    if not policy.allow_local_files:
-        raise _error(
-            field,
-            f"{where} is a local file but local image files are off here; "
-            "send the image inline as a data: URL (base64)",
-        )
-    try:
-        real = Path(os.path.realpath(Path(path_text).expanduser()))
-    except (ValueError, OSError) as exc:
-        raise _error(field, f"{where} is not a usable path ({exc})") from exc
-    roots = [Path(os.path.realpath(root.expanduser())) for root in policy.allowed_local_roots]
-    # Checked on the real path (symlinks followed) and before touching the file, so a link
-    # cannot escape and nothing is revealed about files outside the roots.
-    if roots and not any(real.is_relative_to(root) for root in roots):
-        raise _error(
-            field,
-            f"{where} is outside the folders images may be read from; move it under "
-            "one of images.allowed_local_roots or send it as a data: URL",
-        )
-    try:
-        _check_file(os.stat(real), where, policy.max_bytes, field)
-        fd = os.open(
-            real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-        )
-        try:
-            # fstat again: the path may have been swapped between stat and open.
-            _check_file(os.fstat(fd), where, policy.max_bytes, field)
-            data = _read_fd(fd, policy.max_bytes + 1)
-        finally:
-            os.close(fd)
-    except FileNotFoundError as exc:
-        raise _error(field, f"no file at {where}; check the path") from exc
-    except OSError as exc:
-        raise _error(field, f"cannot read {where}: {exc.strerror}") from exc
-    _check_file_size(len(data), where, policy.max_bytes, field)
-    return data, f"file {str(real)!r}"
-
-
-def _check_file(info: os.stat_result, where: str, max_bytes: int, field: str) -> None:
-    if stat.S_ISDIR(info.st_mode):
-        raise _error(field, f"{where} is a directory, not an image file")
-    if not stat.S_ISREG(info.st_mode):
-        raise _error(field, f"{where} is not a regular file")
-    _check_file_size(info.st_size, where, max_bytes, field)
-
-
-def _check_file_size(size: int, where: str, max_bytes: int, field: str) -> None:
-    if size == 0:
-        raise _error(field, f"{where} is empty (0 bytes)")
-    if size > max_bytes:
-        raise _too_large(field, where, max_bytes)
-
-
-def _read_fd(fd: int, limit: int) -> bytes:
-    """Read up to ``limit`` bytes: a file still growing cannot push us past the cap."""
-    chunks: list[bytes] = []
-    remaining = limit
-    while remaining > 0 and (chunk := os.read(fd, min(remaining, 1 << 20))):
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
-def _error(field: str, message: str, cls: type[ImageError] = ImageError) -> ImageError:
-    """An error naming the request field, in its message and as its ``param``."""
-    return cls(f"{field}: {message}", param=field)
-
-
-def _too_large(field: str, what: str, max_bytes: int) -> ImageError:
-    message = f"{what} is larger than the {max_bytes}-byte image limit"
-    return _error(
-        field, f"{message}; send a smaller image or raise images.max_bytes", ImageTooLargeError
-    )
-
-
 def decode_image(
     data: bytes,
     *,
@@ -327,7 +102,7 @@ def decode_image(
         raise ValueError(f"max_side must be at least 1, got {max_side}")
     started = time.perf_counter()
     if not data:
-        raise _error(field, "the image is empty (0 bytes)")
+        raise field_error(field, "the image is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as source:
             fmt = source.format or "unknown"
@@ -340,7 +115,7 @@ def decode_image(
     except UnidentifiedImageError as exc:
         raise _unidentified(data, field) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _error(
+        raise field_error(
             field,
             f"the image has too many pixels ({exc}); send a smaller image",
             ImageTooLargeError,
@@ -349,7 +124,7 @@ def decode_image(
         raise
     except Exception as exc:
         # Pillow reports damaged data as OSError, SyntaxError, ValueError, struct.error...
-        raise _error(
+        raise field_error(
             field,
             f"the image data is corrupt or truncated ({type(exc).__name__}: {exc}); "
             "re-export or re-send the image",
@@ -357,7 +132,7 @@ def decode_image(
     try:
         rgb = to_rgb(upright)
     except ValueError as exc:
-        raise _error(
+        raise field_error(
             field,
             f"{fmt} image in colour mode {upright.mode!r} cannot be converted to RGB; "
             "convert it to 8-bit RGB",
@@ -382,14 +157,14 @@ def decode_image(
 def _check_pixels(size: tuple[int, int], max_pixels: int, field: str) -> None:
     width, height = size
     if width < 1 or height < 1:
-        raise _error(field, f"the image is {width}x{height} pixels, which is empty")
+        raise field_error(field, f"the image is {width}x{height} pixels, which is empty")
     # Also stay under Pillow's bomb limit, so its warning band is refused here rather than
     # only warned about (changing warning filters is process-global and not thread-safe).
     limit = max_pixels
     if Image.MAX_IMAGE_PIXELS is not None:
         limit = min(limit, Image.MAX_IMAGE_PIXELS)
     if width * height > limit:
-        raise _error(
+        raise field_error(
             field,
             f"the image is {width}x{height} = {width * height} pixels, over the "
             f"{limit}-pixel limit; send a smaller image or raise images.max_pixels",
@@ -497,13 +272,13 @@ def sniff_format(data: bytes) -> str:
 def _unidentified(data: bytes, field: str) -> ImageError:
     detected = sniff_format(data)
     if detected in ACCEPTED_FORMATS:
-        return _error(
+        return field_error(
             field,
             f"the data starts like a {detected} image but its header is damaged; "
             "re-export or re-send the image",
         )
     what = f"a {detected} file" if detected != "unknown" else f"not a known image ({data[:8]!r}...)"
-    return _error(
+    return field_error(
         field,
         f"the data is {what}; edge-vlm accepts {', '.join(ACCEPTED_FORMATS)}: "
         "convert the image to PNG or JPEG",

@@ -1,6 +1,6 @@
 """Fetch an image over http(s) without letting the request reach private networks.
 
-Used by :mod:`edge_vlm.images` only when remote images are switched on. Standard library
+Used by :mod:`edge_vlm.image_source` only when remote images are switched on. Standard library
 only. Every hop (the first URL and each redirect) is parsed, its host resolved once, and
 every resolved address checked; the connection then goes to that checked address, so a
 second DNS answer (DNS rebinding) cannot redirect it. The ``Host`` header and the TLS

@@ -17,7 +17,8 @@ from edge_vlm.chunks import RGBImage
 from edge_vlm.config import ImageSettings
 from edge_vlm.engine import PromptImage
 from edge_vlm.errors import RequestError
-from edge_vlm.images import ImagePolicy, decode_image, load_image
+from edge_vlm.image_source import ImagePolicy
+from edge_vlm.images import decode_image, load_image
 from edge_vlm.loader import ModelInfo
 from edge_vlm.schema import ChatMessage, ImagePart
 

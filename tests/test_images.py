@@ -20,7 +20,8 @@ from edge_vlm.errors import (
     RemoteImageDisabledError,
     UnsupportedImageError,
 )
-from edge_vlm.images import ImagePolicy, decode_image, load_image, to_rgb
+from edge_vlm.image_source import ImagePolicy
+from edge_vlm.images import decode_image, load_image, to_rgb
 
 FIELD = "messages[1].content[0].image_url.url"
 

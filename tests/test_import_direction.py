@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import import_cycles  # noqa: E402
 
-LOWER = ["edge_vlm.schema", "edge_vlm.images", "edge_vlm.config", "edge_vlm.errors",
+LOWER = ["edge_vlm.schema", "edge_vlm.images", "edge_vlm.image_source", "edge_vlm.config",
+         "edge_vlm.errors",
          "edge_vlm.shipped", "edge_vlm.store", "edge_vlm.store.store", "edge_vlm.store.manifest",
          "edge_vlm.store.importer", "edge_vlm.store.catalog", "edge_vlm.store.fsutil",
          "edge_vlm.gguf.reader", "edge_vlm.gguf.validate"]

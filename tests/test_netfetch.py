@@ -17,7 +17,8 @@ from PIL import Image
 
 from edge_vlm import netfetch
 from edge_vlm.errors import ImageError, ImageTooLargeError, RemoteImageDisabledError
-from edge_vlm.images import ImagePolicy, load_image
+from edge_vlm.image_source import ImagePolicy
+from edge_vlm.images import load_image
 
 FIELD = "messages[1].content[0].image_url.url"
 buffer = io.BytesIO()

@@ -180,7 +180,7 @@ def test_probe_rejects_what_the_runtime_would_reject(tmp_path, images):
     assert (image.name, image.width, image.height, image.format) == ("green.jpg", 96, 72, "JPEG")
     assert image.label() == "green.jpg 96×72 1 KB"
     with pytest.raises(ImageError, match="over the"):
-        from edge_vlm.images import ImagePolicy
+        from edge_vlm.image_source import ImagePolicy
         probe_bytes(image.data, "big.jpg", policy=ImagePolicy(max_bytes=10))
 
 

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from edge_vlm.api import VLM
     from edge_vlm.batch.identity import ModelFiles
     from edge_vlm.config import Settings
-    from edge_vlm.images import ImagePolicy
+    from edge_vlm.image_source import ImagePolicy
 
 RAY_EXTRA_HINT = "pip install 'edge-vlm[ray]'"
 
@@ -207,7 +207,7 @@ def _stream(ray: Any, items: list[BatchItem], todo: list[int], base: tuple[str, 
     # (Map(_Reader)->MapBatches(_Answerer)): the bytes are read where they are answered and
     # never cross the object store, and an image costs one Ray task, not two.
     gpus = opts.gpus_per_worker or None
-    from edge_vlm.images import ImagePolicy
+    from edge_vlm.image_source import ImagePolicy
 
     ds = ds.map(_Reader(ImagePolicy.from_settings(settings.images)), num_cpus=threads,
                 num_gpus=gpus)

@@ -24,7 +24,7 @@ from edge_vlm.batch.output import ResultWriter
 from edge_vlm.batch.results import BatchError, BatchResult, Status
 from edge_vlm.batch.resume import ResumeIndex
 from edge_vlm.errors import EdgeVLMError, ImageError
-from edge_vlm.images import ImagePolicy, read_image_source
+from edge_vlm.image_source import ImagePolicy, read_image_source
 
 if TYPE_CHECKING:
     from edge_vlm.api import VLM

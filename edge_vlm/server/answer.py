@@ -43,7 +43,7 @@ from edge_vlm.server.errors import (
 )
 
 if TYPE_CHECKING:
-    from edge_vlm.images import ImagePolicy
+    from edge_vlm.image_source import ImagePolicy
     from edge_vlm.server.models import Lease, ModelManager, ModelSpec
 
 log = logging.getLogger("edge_vlm.server")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_vlm.config import Settings
-from edge_vlm.images import ImagePolicy, read_image_source
+from edge_vlm.image_source import ImagePolicy, read_image_source
 from edge_vlm.schema import ChatCompletionRequest, ImagePart
 
 

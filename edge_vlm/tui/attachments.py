@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from PIL import Image as PILImage
 
 from edge_vlm.errors import EdgeVLMError, ImageError, ImageTooLargeError
-from edge_vlm.images import ImagePolicy, decode_image, read_image_source
+from edge_vlm.image_source import ImagePolicy, read_image_source
+from edge_vlm.images import decode_image
 
 if TYPE_CHECKING:
     from edge_vlm.tui.clipboard import ClipboardImage

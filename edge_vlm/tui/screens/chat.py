@@ -25,7 +25,7 @@ from textual.widgets import Footer
 
 from edge_vlm.config import Settings
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.images import ImagePolicy
+from edge_vlm.image_source import ImagePolicy
 from edge_vlm.schema import ChatMessage
 from edge_vlm.tui.attachments import PendingImage, probe_sources
 from edge_vlm.tui.clipboard import ClipboardImage
