@@ -35,6 +35,7 @@ from edge_vlm.kit.wheels import (
     source_tree,
     wheel_tags,
 )
+from edge_vlm.store.fsutil import pid_alive
 
 if TYPE_CHECKING:
     from edge_vlm.store.store import Store
@@ -434,18 +435,6 @@ def _remove_stale_partials(out: Path) -> None:
     """Delete ``OUT.partial-<pid>`` folders whose build process is gone."""
     for p in out.parent.glob(f"{out.name}.partial-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":
-        return True  # os.kill(pid, 0) would end the process on Windows: keep the folder
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 

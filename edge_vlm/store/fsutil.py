@@ -202,12 +202,18 @@ def hash_file(path: Path, progress: ProgressSink | None = None,
 
 def _writer_alive(name: str) -> bool:
     """Whether the process whose pid starts a staging file's name still runs."""
-    if fcntl is None:
-        return True  # Windows: os.kill(pid, 0) would terminate the process; rely on age
     try:
         pid = int(name.split("-", 1)[0])
     except ValueError:
         return False
+    return pid_alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (on Windows: assumed, since ``os.kill(pid, 0)``
+    would end it; callers then rely on age)."""
+    if fcntl is None:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
